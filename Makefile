@@ -1,0 +1,45 @@
+# wellread: `make demo` runs the pipeline on the shipped demo data; `make test` runs the test suite.
+# Both create .venv on first use (CPU torch from PyPI, pinned; see README for GPU installs).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.wellread-installed
+DEMO := runs/demo
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: demo test test-fast lint slurm-up slurm-down clean-demo
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) tools/preprocess_corpus.py data/demo/books/*.txt.gz --strip-gutenberg --seq-len 128 --out $(DEMO)/corpus
+	$(PY) tools/preprocess_corpus.py data/demo/heldout/*.txt.gz --strip-gutenberg --seq-len 128 --out $(DEMO)/heldout
+	$(VENV)/bin/wellread pretrain recipes/demo_pretrain.yaml run.out_dir=$(DEMO)/pretrain
+	$(VENV)/bin/wellread evaluate-mlm --model $(DEMO)/pretrain/export --data $(DEMO)/heldout \
+		--out $(DEMO)/pretrain/heldout-mlm.json
+	@echo "demo done: TensorBoard with  $(VENV)/bin/tensorboard --logdir $(DEMO)"
+
+test: $(STAMP) lint
+	-tools/local_slurm.sh start
+	$(PY) -m pytest -ra
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -ra -m "not slow and not slurm"
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+slurm-up:
+	tools/local_slurm.sh start
+
+slurm-down:
+	tools/local_slurm.sh stop
+
+clean-demo:
+	rm -rf $(DEMO)

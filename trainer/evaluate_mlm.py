@@ -1,0 +1,96 @@
+"""Masked-token loss and accuracy on held-out text, with fixed masks so numbers compare across runs.
+
+Used as the eval step of `wellread pretrain` and as `wellread evaluate-mlm --model DIR --data ...`.
+Every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively); surplus
+slots are filled with a batch whose results are ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer.errors import UserError
+from trainer.indexed import MANIFEST, TokenShards
+from trainer.launcher import DistEnv, all_reduce_sum
+from trainer.masking import MaskSpec, mlm_batch
+
+
+@torch.no_grad()
+def evaluate_mlm(model, corpus: TokenShards, spec: MaskSpec, env: DistEnv, batch_size: int,
+                 max_sequences: int | None, seed: int) -> dict[str, float]:
+    n = len(corpus) if max_sequences is None else min(len(corpus), max_sequences)
+    special = spec.special_table()
+    batches = [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    rounds = math.ceil(len(batches) / env.world_size)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    loss, correct, count = 0.0, 0.0, 0.0
+    for r in range(rounds):
+        j = r * env.world_size + env.rank
+        idx = batches[j] if j < len(batches) else batches[0]
+        batch = mlm_batch([corpus[int(i)] for i in idx], [(seed, 0, int(i)) for i in idx], spec, special)
+        loss_sum, stats = model(**{k: v.to(device) for k, v in batch.items()})
+        if j < len(batches):
+            loss += float(loss_sum)
+            correct += float(stats["correct"])
+            count += batch["mlm_labels"].numel()
+    if was_training:
+        model.train()
+    loss, correct, count = all_reduce_sum([loss, correct, count])
+    mean = loss / max(count, 1)
+    return {"loss": mean, "mlm_acc": correct / max(count, 1), "perplexity": math.exp(min(mean, 50)),
+            "masked_tokens": count, "sequences": float(n)}
+
+
+def _model_dir(path: Path) -> Path:
+    for candidate in (path, path / "export"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise UserError(f"{path}: no config.json (give an exported model directory or a run directory)")
+
+
+def _corpus(data: list[str], model_dir: Path, seq_len: int, workdir: Path) -> TokenShards:
+    if len(data) == 1 and (Path(data[0]) / MANIFEST).is_file():
+        return TokenShards(data[0])
+    from trainer.preprocess import PackOptions, preprocess
+    from trainer.text_sources import SourceSpec
+
+    files = [Path(p) for p in data]
+    wikitext = any("wiki" in p.name and ".tokens" in p.name for p in files)
+    spec = SourceSpec(files=files, wikitext=wikitext)
+    preprocess(spec, workdir / "corpus", str(model_dir), PackOptions(seq_len=seq_len), progress=False)
+    return TokenShards(workdir / "corpus")
+
+
+def main(args: argparse.Namespace) -> int:
+    from transformers import BertForMaskedLM
+
+    from trainer.mlm import SparseMLM
+    from trainer.tokenization import load_tokenizer, special_ids, tokenizer_hash
+
+    model_dir = _model_dir(Path(args.model))
+    tok = load_tokenizer(model_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = _corpus(args.data, model_dir, args.seq_len, Path(tmp))
+        if corpus.tokenizer_hash != tokenizer_hash(tok):
+            raise UserError(f"{args.data[0]}: tokenized with another tokenizer than the model's ({model_dir})")
+        hf = BertForMaskedLM.from_pretrained(model_dir)
+        spec = MaskSpec(vocab_size=hf.config.vocab_size, specials=special_ids(tok))
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+        metrics = evaluate_mlm(SparseMLM(hf), corpus, spec, DistEnv(), args.batch_size, args.max_sequences, args.seed)
+    metrics = {"model": str(model_dir), "data": args.data, "seq_len": args.seq_len, "seed": args.seed, **metrics}
+    print(json.dumps(metrics, indent=2))
+    if args.out:
+        from trainer.fileio import atomic_write_json
+
+        atomic_write_json(args.out, metrics)
+    return 0

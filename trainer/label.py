@@ -1,0 +1,321 @@
+"""`wellread label RECIPE.yaml [--shard-index i --num-shards n] [--finalize]`: teacher soft labels.
+
+Runs the teacher over an unlabeled transfer set and writes a soft-label store (layout in
+trainer/softlabels.py): sequence logits of a fine-tuned classifier, or top-k MLM distributions of an
+MLM teacher (with the exact token ids it saw). The transfer set is enumerated the same way by every
+writer; example i belongs to job shard i mod n (a Slurm array task) and, inside it, to rank
+(i div n) mod world. Each writer skips what its finished parts already hold, so a killed job resumes.
+The last writer to finish (or `--finalize`) verifies every shard and writes the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from trainer.config import dump_yaml, load_config, to_dict
+from trainer.errors import UserError
+from trainer.fileio import sha256_file
+from trainer.launcher import DistEnv, barrier, init_distributed, shutdown
+from trainer.loop import log0
+from trainer.recipe import DebugSection
+from trainer.softlabels import MANIFEST, SoftLabelWriter, finalize, finished_parts, make_writer_id
+from trainer.tokenization import load_tokenizer, special_ids, tokenizer_hash
+
+SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s+[\"'(\[]?[A-Z0-9])")
+HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
+
+
+@dataclass
+class TransferSection:
+    """The unlabeled transfer set: text/JSONL files, a `datasets` dataset, or a labeled task's split
+    (gold labels are then kept, so the inspector can report the teacher's accuracy)."""
+
+    files: list[str] = field(default_factory=list)
+    text_field: str = "text"
+    doc_mode: Literal["file", "blank_line", "line"] = "line"  # for plain text files
+    hf_dataset: str | None = None
+    hf_split: str = "train"
+    task: str | None = None  # e.g. sst2: use its split's texts (text_a) and gold labels
+    task_split: str = "train"
+    data_root: str | None = None
+    split_sentences: bool = False  # e.g. IMDb reviews -> sentences (the movie-review transfer set for SST-2)
+    strip_html: bool = True  # IMDb keeps <br /> tags
+    min_chars: int = 1
+    max_examples: int | None = None
+
+
+@dataclass
+class LabelOutput:
+    out_dir: str = "runs/softlabels"
+    kind: Literal["classification", "mlm"] = "classification"
+    topk: int = 32  # mlm: teacher entries kept per position
+    mask_prob: float = 0.0  # mlm: static masking applied before the teacher (and stored with the ids)
+    max_seq_len: int = 128
+    batch_size: int = 64
+    part_examples: int = 8192
+
+
+@dataclass
+class LabelRecipe:
+    teacher: str = ""  # exported model directory (a fine-tuned classifier, or an MLM model for kind mlm)
+    transfer: TransferSection = field(default_factory=TransferSection)
+    output: LabelOutput = field(default_factory=LabelOutput)
+    seed: int = 1234
+    debug: DebugSection = field(default_factory=DebugSection)  # step_sleep: seconds per batch window (kill drills)
+
+    def validate(self) -> None:
+        if not self.teacher:
+            raise ValueError("missing required key 'teacher' (an exported model directory)")
+        if not (self.transfer.files or self.transfer.hf_dataset or self.transfer.task):
+            raise ValueError("the transfer set is empty: give transfer.files, transfer.hf_dataset or transfer.task")
+
+
+# ---------------------------------------------------------------------------------------------- transfer set
+def split_into_sentences(text: str) -> list[str]:
+    """Cut after ., ! or ? (and closing quotes) when the next word starts upper-case or with a digit."""
+    cuts = [m.end() for m in SENTENCE_END.finditer(text)]
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    return [p.strip() for p in pieces if p.strip()]
+
+
+def transfer_examples(t: TransferSection) -> Iterator[tuple[str, int]]:
+    """(text, gold label or -1) in a fixed order: the example id is the position in this stream."""
+    def units(text: str, gold: int) -> Iterator[tuple[str, int]]:
+        if t.strip_html:
+            text = HTML_BREAK.sub(" ", text)
+        for piece in split_into_sentences(text) if t.split_sentences else [text.strip()]:
+            if len(piece) >= t.min_chars:
+                yield piece, gold
+
+    def stream() -> Iterator[tuple[str, int]]:
+        if t.task:
+            from trainer.tasks import load_split, resolve_task
+
+            loaded = load_split(resolve_task(t.task), t.task_split, Path(t.data_root) if t.data_root else None)
+            for e in loaded.examples:
+                yield from units(e.text_a, int(e.label))
+        if t.files or t.hf_dataset:
+            from trainer.text_sources import SourceSpec, SourceStats, iter_pieces
+
+            spec = SourceSpec(files=[Path(f) for f in t.files], doc_mode=t.doc_mode, text_field=t.text_field,
+                              hf_dataset=t.hf_dataset, hf_split=t.hf_split)
+            current, buf = -1, []
+            for doc, piece in iter_pieces(spec, SourceStats()):
+                if doc != current and buf:
+                    yield from units("".join(buf), -1)
+                    buf = []
+                current = doc
+                buf.append(piece)
+            if buf:
+                yield from units("".join(buf), -1)
+
+    for i, example in enumerate(stream()):
+        if t.max_examples is not None and i >= t.max_examples:
+            return
+        yield example
+
+
+def transfer_fingerprint(t: TransferSection) -> str:
+    """Identity of the transfer set: its files' contents and every option that changes the examples."""
+    key = {k: v for k, v in to_dict(t).items() if k not in ("files", "data_root")}
+    key["files"] = [[Path(f).name, sha256_file(f)] for f in t.files]
+    if t.task:
+        from trainer.tasks import _resolve_path, resolve_task
+
+        path = _resolve_path(resolve_task(t.task), t.task_split, Path(t.data_root) if t.data_root else None)
+        key["task_file"] = [path.name, sha256_file(path)]
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def teacher_fingerprint(model_dir: Path) -> dict[str, str]:
+    weights = model_dir / "model.safetensors"
+    config = json.loads((model_dir / "config.json").read_text())
+    config.pop("transformers_version", None)
+    return {"config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
+            "weights_sha256": sha256_file(weights), "path": str(model_dir)}
+
+
+# ---------------------------------------------------------------------------------------------- teacher
+class Teacher:
+    """Batched teacher inference returning what the store keeps."""
+
+    def __init__(self, model_dir: Path, kind: str, topk: int, device: torch.device):
+        from transformers import BertForMaskedLM, BertForSequenceClassification
+
+        cls = BertForSequenceClassification if kind == "classification" else BertForMaskedLM
+        self.model = cls.from_pretrained(model_dir).to(device).eval()
+        self.kind, self.topk, self.device = kind, topk, device
+        self.num_classes = self.model.config.num_labels
+        self.vocab_size = self.model.config.vocab_size
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, torch.Tensor]):
+        inputs = {k: v.to(self.device) for k, v in batch.items()}
+        logits = self.model(**inputs).logits.float()
+        if self.kind == "classification":
+            return logits.cpu().numpy()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        values, ids = logprobs.topk(self.topk, dim=-1)
+        return ids.cpu().numpy(), values.cpu().numpy()
+
+
+def _batch(seqs: list[np.ndarray], types: list[np.ndarray], pad: int) -> dict[str, torch.Tensor]:
+    length = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), length), pad, dtype=np.int64)
+    tt = np.zeros_like(ids)
+    mask = np.zeros_like(ids)
+    for r, (s, t) in enumerate(zip(seqs, types)):
+        ids[r, :len(s)], tt[r, :len(s)], mask[r, :len(s)] = s, t, 1
+    return {"input_ids": torch.from_numpy(ids), "token_type_ids": torch.from_numpy(tt),
+            "attention_mask": torch.from_numpy(mask)}
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def writer_examples(recipe: LabelRecipe, shard: int, num_shards: int, env: DistEnv) -> tuple[list, int]:
+    """This writer's (example id, text, gold) in order, and the size of the whole transfer set."""
+    mine, total = [], 0
+    for i, (text, gold) in enumerate(transfer_examples(recipe.transfer)):
+        total = i + 1
+        if i % num_shards == shard and (i // num_shards) % env.world_size == env.rank:
+            mine.append((i, text, gold))
+    if total == 0:
+        raise UserError("the transfer set has no examples (check transfer.files / task / min_chars)")
+    return mine, total
+
+
+def label(recipe: LabelRecipe, shard: int, num_shards: int, env: DistEnv, command: list[str]) -> int:
+    from trainer.zoo import resolve
+
+    model_dir = resolve(recipe.teacher)
+    if not isinstance(model_dir, Path) or not (model_dir / "model.safetensors").is_file():
+        raise UserError(f"{recipe.teacher}: teacher must be an exported model directory (config.json + "
+                        "model.safetensors)")
+    out = Path(recipe.output.out_dir)
+    o = recipe.output
+    tok = load_tokenizer(model_dir)
+    specials = special_ids(tok)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    teacher = Teacher(model_dir, o.kind, o.topk, device)
+    writer_id = make_writer_id(shard, num_shards, env.rank, env.world_size)
+    writer = SoftLabelWriter(out, writer_id, o.kind, num_classes=teacher.num_classes if o.kind == "classification"
+                             else None, k=o.topk if o.kind == "mlm" else None,
+                             vocab_size=teacher.vocab_size if o.kind == "mlm" else None, part_examples=o.part_examples)
+    mine, total = writer_examples(recipe, shard, num_shards, env)
+    todo = mine[writer.examples_done:]
+    log0(env, f"labeling {total:,} transfer examples with {model_dir} ({o.kind}); job shard {shard}/{num_shards}, "
+              f"{env.world_size} rank(s); this writer: {len(mine):,}, {writer.examples_done:,} already done")
+    from trainer.masking import MaskSpec, mask_one
+
+    mask_spec = MaskSpec(vocab_size=teacher.vocab_size, specials=specials, mask_prob=o.mask_prob or 0.15)
+    special = mask_spec.special_table()
+    tok.enable_truncation(max_length=o.max_seq_len)
+    bar = _progress(len(todo), env)
+    t0 = time.time()
+    # sort by length inside windows so batches pad little, then restore order when writing
+    for start in range(0, len(todo), o.batch_size * 32):
+        window = todo[start:start + o.batch_size * 32]
+        encodings = tok.encode_batch([text for _, text, _ in window], add_special_tokens=True)
+        seqs = [np.asarray(e.ids, dtype=np.int64) for e in encodings]
+        types = [np.asarray(e.type_ids, dtype=np.int64) for e in encodings]
+        if o.kind == "mlm" and o.mask_prob > 0:
+            seqs = [mask_one(s, np.random.default_rng([recipe.seed, int(eid)]), mask_spec, special)[0]
+                    for s, (eid, _, _) in zip(seqs, window)]
+        order = np.argsort([len(s) for s in seqs], kind="stable")
+        results: list = [None] * len(window)
+        for b in range(0, len(order), o.batch_size):
+            idx = order[b:b + o.batch_size]
+            out_b = teacher(_batch([seqs[i] for i in idx], [types[i] for i in idx], specials.pad))
+            for j, i in enumerate(idx):
+                if o.kind == "classification":
+                    results[i] = out_b[j]
+                else:
+                    n = len(seqs[i])
+                    results[i] = (out_b[0][j, :n], out_b[1][j, :n])
+        ids = np.asarray([eid for eid, _, _ in window], dtype=np.int64)
+        if o.kind == "classification":
+            writer.add_classification(ids, np.stack(results), np.asarray([g for _, _, g in window], dtype=np.int64))
+        else:
+            writer.add_mlm(ids, seqs, [r[0] for r in results], [r[1] for r in results])
+        if bar is not None:
+            bar.update(len(window))
+        if recipe.debug.step_sleep:
+            time.sleep(recipe.debug.step_sleep)
+    writer.close()
+    if bar is not None:
+        bar.close()
+    log0(env, f"writer {writer_id}: {len(todo):,} examples in {time.time() - t0:.1f}s")
+    barrier()
+    if env.is_main:
+        maybe_finalize(recipe, out, total, tok, model_dir, command, required=num_shards == 1)
+    barrier()
+    return 0
+
+
+def maybe_finalize(recipe: LabelRecipe, out: Path, total: int, tok, model_dir: Path, command: list[str],
+                   required: bool) -> dict | None:
+    """Write the manifest once every example is covered (the last writer does it, or --finalize)."""
+    done = sum(int(info["examples"]) for info in _all_parts(out))
+    if done < total:
+        msg = f"{out}: {done:,}/{total:,} examples labeled; other writers still running (or run --finalize later)"
+        if required:
+            raise UserError(msg)
+        print(msg, file=sys.stderr)
+        return None
+    header = {"teacher": teacher_fingerprint(model_dir), "tokenizer_hash": tokenizer_hash(tok),
+              "transfer_fingerprint": transfer_fingerprint(recipe.transfer), "command": command,
+              "config": to_dict(recipe), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    manifest = finalize(out, header, expected_examples=total)
+    print(f"{out}: soft-label store complete ({total:,} examples, {len(manifest['shards'])} shards)", file=sys.stderr)
+    return manifest
+
+
+def _all_parts(out: Path) -> list[dict]:
+    writers = {p.name.split("-", 1)[1].rsplit("-", 1)[0] for p in out.glob("part-*.json")}
+    return [info for w in sorted(writers) for info in finished_parts(out, w)]
+
+
+def _progress(total: int, env: DistEnv):
+    if not env.is_main or total == 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="ex", desc="label", file=sys.stderr, mininterval=1.0)
+
+
+def main(args: argparse.Namespace) -> int:
+    recipe = load_config(LabelRecipe, args.recipe, args.overrides)
+    shard = args.shard_index if args.shard_index is not None else int(os.environ.get("SLURM_ARRAY_TASK_ID", 0))
+    num_shards = args.num_shards if args.num_shards is not None else int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1))
+    if not 0 <= shard < num_shards:
+        raise UserError(f"--shard-index {shard} must be in [0, --num-shards {num_shards})")
+    command = ["wellread", "label", args.recipe, *args.overrides]
+    if args.finalize:
+        from trainer.zoo import resolve
+
+        model_dir = resolve(recipe.teacher)
+        out = Path(recipe.output.out_dir)
+        if (out / MANIFEST).is_file():
+            print(f"{out}: already finalized", file=sys.stderr)
+            return 0
+        total = sum(1 for _ in transfer_examples(recipe.transfer))
+        maybe_finalize(recipe, out, total, load_tokenizer(model_dir), model_dir, command, required=True)
+        return 0
+    env = init_distributed()
+    try:
+        log0(env, dump_yaml(recipe))
+        return label(recipe, shard, num_shards, env, command)
+    finally:
+        shutdown()
