@@ -14,7 +14,8 @@ def test_detect_torchrun_and_slurm_and_single():
     assert detect({}) == DistEnv()
     env = detect({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"})
     assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port, env.launcher) == \
-           (3, 4, 1, "10.0.0.1", 1234, "torchrun")
+           (3, 4, 1, "10.0.0.1", 1234, "env (deepspeed launcher or manual)")
+    assert detect({"RANK": "0", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "x"}).launcher == "torchrun"
     slurm = detect({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "12345",
                     "SLURM_JOB_NODELIST": "n1", "MASTER_ADDR": "127.0.0.1"})
     assert (slurm.rank, slurm.world_size, slurm.local_rank, slurm.master_port, slurm.launcher) == \

@@ -229,3 +229,37 @@ def test_peak_memory_is_flat_in_corpus_size(tmp_path):
                               cwd=ROOT, capture_output=True, text=True, check=True)
         peaks.append(int(proc.stdout.strip()))
     assert peaks[1] <= 1.3 * peaks[0], peaks
+
+
+def test_trained_tokenizer_feeds_preprocessing(tmp_path):
+    """tools/train_tokenizer.py -> a WordPiece tokenizer.json the pipeline accepts and round-trips with."""
+    from tokenizers import Tokenizer
+
+    out = tmp_path / "tok"
+    run_cli("tools/train_tokenizer.py", *map(str, BOOKS), "--strip-gutenberg", "--vocab-size", "2000",
+            "--out", str(out), check=True)
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert tok.get_vocab_size() == 2000 and (out / "vocab.txt").is_file()
+    assert tok.token_to_id("[MASK]") is not None
+    spec = SourceSpec(files=BOOKS[:1], strip_gutenberg=True)
+    manifest = preprocess(spec, tmp_path / "c", str(out), PackOptions(seq_len=64), progress=False)
+    assert manifest["tokenizer"]["vocab_size"] == 2000
+    seqs = next(TokenShards(tmp_path / "c").documents())
+    expected = tok.encode(read_book(BOOKS[0]), add_special_tokens=False).ids
+    assert np.concatenate([s[1:-1] for s in seqs]).tolist() == expected
+    again = run_cli("tools/train_tokenizer.py", str(BOOKS[0]), "--out", str(out))
+    assert again.returncode == 2 and "not empty" in again.stderr
+
+
+def test_datasets_input_from_local_files(tmp_path, tokenizer):
+    """--hf-dataset takes a hub name when reachable, or local data files through `datasets`."""
+    rows = [{"body": f"document {i} with some words."} for i in range(7)]
+    src = tmp_path / "data.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = SourceSpec(hf_dataset=str(src), text_field="body")
+    manifest = preprocess(spec, tmp_path / "c", None, PackOptions(seq_len=32), progress=False)
+    corpus = TokenShards(tmp_path / "c")
+    assert manifest["stats"]["documents"] == 7 and len(corpus) == 7
+    assert corpus[6][1:-1].tolist() == tokenizer.encode(rows[6]["body"], add_special_tokens=False).ids
+    with pytest.raises(UserError, match="no 'text' field"):
+        preprocess(SourceSpec(hf_dataset=str(src)), tmp_path / "d", None, PackOptions(seq_len=32), progress=False)

@@ -241,3 +241,39 @@ def test_srun_on_two_slurm_nodes_matches_one_rank(tmp_path, recipe, reference_ru
     assert proc.returncode == 0, proc.stderr + text[-4000:]
     assert "on n[1-2] (2 tasks)" in text and "2 rank(s) via slurm" in text
     assert_losses_match(metrics(out), metrics(reference_runs["1rank"]), range(1, STEPS + 1))
+
+
+@pytest.mark.slow
+def test_offload_and_bf16_configs_agree_with_fp32(tmp_path, recipe, reference_runs):
+    """The GPU-oriented configs run on CPU too: optimizer+parameter offload gives the fp32 losses,
+    bf16 (ZeRO-2, fp32 master weights) stays within bf16 rounding of them."""
+    reference = metrics(reference_runs["1rank"])
+    pretrain(1, recipe, tmp_path / "offload", "engine.ds_config=zero3_offload", "run.ckpt_every=0",
+             "data.eval=null")
+    assert_losses_match(metrics(tmp_path / "offload"), reference, range(1, STEPS + 1))
+    pretrain(1, recipe, tmp_path / "bf16", "engine.ds_config=zero2_bf16", "train.steps=4", "run.ckpt_every=0",
+             "data.eval=null")
+    bf16 = metrics(tmp_path / "bf16")
+    for s in range(1, 5):
+        assert bf16[s] == pytest.approx(reference[s], rel=2e-3), (s, bf16[s], reference[s])
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_matches_one_rank(tmp_path, recipe, reference_runs):
+    """The `deepspeed` launcher (which passes --local_rank) runs the same command unchanged."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from distributed import env_for, free_port
+
+    out = tmp_path / "ds"
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    proc = subprocess.run([str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+                           "trainer.cli", "pretrain", str(recipe), f"run.out_dir={out}", "run.ckpt_every=0"],
+                          cwd=ROOT, env={**env_for(2), "PATH": f"{deepspeed.parent}:{os.environ['PATH']}"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "2 rank(s) via env (deepspeed launcher" in proc.stderr + proc.stdout
+    assert_losses_match(metrics(out), metrics(reference_runs["1rank"]), range(1, STEPS + 1))

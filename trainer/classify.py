@@ -16,9 +16,8 @@ from torch import nn
 from transformers import BertForSequenceClassification
 
 from kernels.patch import fuse_bert
-from trainer.errors import UserError
 from trainer.launcher import DistEnv
-from trainer.sampling import Cursor, Permutation
+from trainer.sampling import BatchOrder, Cursor, Permutation
 from trainer.zoo import bert_config, resolve
 
 
@@ -69,27 +68,21 @@ def collate(enc: Encoded, idx: np.ndarray, pad_id: int) -> dict[str, torch.Tenso
 
 
 # ---------------------------------------------------------------------------------------------- batching
-class BucketedOrder:
+class BucketedOrder(BatchOrder):
     """Length-bucketed global batches: shuffle (seed, epoch), sort windows of `window` batches by length,
     cut into global batches, shuffle the batches. Each rank takes a contiguous slice of a global batch,
     so examples of similar length share a micro-batch and short ones do not pay for long ones.
-    Same cursor semantics as sampling.BatchOrder (resumable, identical global batches for any rank count)."""
+    Same cursor semantics as BatchOrder (resumable, identical global batches for any rank count)."""
 
     def __init__(self, lengths: np.ndarray, global_batch: int, rank: int, world_size: int, seed: int,
                  window: int = 50, what: str = "task"):
-        if global_batch % world_size:
-            raise UserError(f"global batch {global_batch} is not divisible by {world_size} ranks")
-        self.lengths, self.g, self.rank, self.world, self.seed, self.window = (
-            lengths, global_batch, rank, world_size, seed, max(1, window))
-        self.batches_per_epoch = len(lengths) // global_batch
-        if self.batches_per_epoch == 0:
-            raise UserError(f"{what} has {len(lengths)} examples, fewer than one global batch of {global_batch}")
+        super().__init__(len(lengths), global_batch, rank, world_size, seed, what=what)
+        self.lengths, self.window = lengths, max(1, window)
         self._cache: tuple[int, np.ndarray] | None = None
 
     def epoch_batches(self, epoch: int) -> np.ndarray:
         if self._cache is None or self._cache[0] != epoch:
-            n = len(self.lengths)
-            order = Permutation(n, self.seed, epoch)(np.arange(n))[: self.batches_per_epoch * self.g]
+            order = self.order(epoch)(np.arange(self.n))[: self.batches_per_epoch * self.g]
             span = self.window * self.g
             for start in range(0, len(order), span):
                 part = order[start:start + span]
@@ -101,14 +94,6 @@ class BucketedOrder:
 
     def global_items(self, cursor: Cursor) -> np.ndarray:
         return self.epoch_batches(cursor.epoch)[cursor.batch]
-
-    def rank_items(self, cursor: Cursor) -> np.ndarray:
-        per_rank = self.g // self.world
-        return self.global_items(cursor)[self.rank * per_rank:(self.rank + 1) * per_rank]
-
-    def advance(self, cursor: Cursor) -> Cursor:
-        nxt = cursor.batch + 1
-        return Cursor(cursor.epoch + 1, 0) if nxt >= self.batches_per_epoch else Cursor(cursor.epoch, nxt)
 
 
 # ---------------------------------------------------------------------------------------------- model

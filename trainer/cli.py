@@ -58,6 +58,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wellread", description="Pre-trained distillation of compact BERT models.")
+    # the `deepspeed` launcher passes --local_rank=N (LOCAL_RANK is in the environment as well)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("models", help="print the model grid with parameter counts")

@@ -17,11 +17,11 @@ import torch
 
 from trainer import checkpoint, preemption
 from trainer.classify import BucketedOrder, Classifier, collate, encode, load_classifier, predict
-from trainer.config import dump_yaml, load_config, save_config
+from trainer.config import dump_yaml, save_config
 from trainer.engine import initialize
 from trainer.errors import TrainingStopped
-from trainer.launcher import DistEnv, init_distributed, shutdown
-from trainer.loop import RunState, agree, every, log0, optimizer_step
+from trainer.launcher import DistEnv
+from trainer.loop import RunState, agree, every, log0, optimizer_step, run_stage
 from trainer.metrics import RunLogger, memory_mb
 from trainer.recipe import DebugSection, EngineSection, ModelSection, RunSection, TrainSection
 from trainer.task_metrics import compute_metrics, primary_metric
@@ -53,12 +53,7 @@ class FinetuneRecipe:
 
 
 def main(recipe_path: str, overrides: list[str]) -> int:
-    recipe = load_config(FinetuneRecipe, recipe_path, overrides)
-    env = init_distributed()
-    try:
-        return finetune(recipe, env, where=str(recipe_path))
-    finally:
-        shutdown()
+    return run_stage(FinetuneRecipe, finetune, recipe_path, overrides)
 
 
 def tokenizer_for(model_name: str):
@@ -94,13 +89,12 @@ def finetune(recipe: FinetuneRecipe, env: DistEnv, where: str = "recipe") -> int
     torch.manual_seed(train.seed)
     hf = load_classifier(recipe.model.name, num_labels, recipe.model.dropout, recipe.model.attention,
                          tok.get_vocab_size())
-    order_probe = BucketedOrder(train_enc.lengths, train.global_batch, env.rank, env.world_size, train.seed,
-                                data.bucket_window, what=f"{task.name} {data.train_split}")
+    order = BucketedOrder(train_enc.lengths, train.global_batch, env.rank, env.world_size, train.seed,
+                          data.bucket_window, what=f"{task.name} {data.train_split}")
     if train.epochs is not None:
-        train.steps = max(1, math.ceil(train.epochs * order_probe.batches_per_epoch))
+        train.steps = max(1, math.ceil(train.epochs * order.batches_per_epoch))
     engine, ds_cfg, plan = initialize(Classifier(hf), train, recipe.engine.ds_config, env.world_size, where)
     torch.manual_seed(train.seed * 1000 + env.rank)
-    order = order_probe
 
     out = Path(recipe.run.out_dir)
     ckpt_root = out / "checkpoints"

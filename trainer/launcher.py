@@ -60,7 +60,8 @@ def detect(environ: dict[str, str] | None = None) -> DistEnv:
     get = lambda name, default: _int_env(env, name) if name in env else default
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, deepspeed launcher, or set by hand
         return DistEnv(get("RANK", 0), get("WORLD_SIZE", 1), get("LOCAL_RANK", 0),
-                       env.get("MASTER_ADDR", "127.0.0.1"), get("MASTER_PORT", 29500), "torchrun")
+                       env.get("MASTER_ADDR", "127.0.0.1"), get("MASTER_PORT", 29500),
+                       "torchrun" if "TORCHELASTIC_RUN_ID" in env else "env (deepspeed launcher or manual)")
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_JOB_ID" in env:
         world = get("SLURM_NTASKS", 1)
         addr = env.get("MASTER_ADDR") or (slurm_master_addr(env["SLURM_JOB_NODELIST"]) if world > 1

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from trainer import checkpoint, preemption
+from trainer.config import load_config
 from trainer.engine import BatchPlan, grad_norm
-from trainer.launcher import DistEnv, all_reduce_sum
+from trainer.launcher import DistEnv, all_reduce_sum, init_distributed, shutdown
 from trainer.sampling import Cursor
 
 
@@ -93,6 +94,16 @@ class RunState:
         client, rank_state = restored
         return cls(client["step"], Cursor(**rank_state["cursor"]), client.get("tokens_seen", 0),
                    client.get("nonfinite_streak", 0), client.get("extra", {}))
+
+
+def run_stage(recipe_cls: type, stage, recipe_path: str, overrides: list[str]) -> int:
+    """CLI entry of a training stage: parse the recipe, join the process group, run, leave the group."""
+    recipe = load_config(recipe_cls, recipe_path, overrides)
+    env = init_distributed()
+    try:
+        return stage(recipe, env, where=str(recipe_path))
+    finally:
+        shutdown()
 
 
 def log0(env: DistEnv, msg: str) -> None:

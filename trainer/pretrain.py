@@ -17,13 +17,13 @@ from typing import Literal
 import torch
 
 from trainer import checkpoint, preemption
-from trainer.config import dump_yaml, load_config, save_config
+from trainer.config import dump_yaml, save_config
 from trainer.engine import initialize, precision
 from trainer.errors import TrainingStopped, UserError
 from trainer.evaluate_mlm import evaluate_mlm
 from trainer.indexed import TokenShards
-from trainer.launcher import DistEnv, init_distributed, shutdown
-from trainer.loop import RunState, agree, every, log0, optimizer_step
+from trainer.launcher import DistEnv
+from trainer.loop import RunState, agree, every, log0, optimizer_step, run_stage
 from trainer.masking import MaskSpec, mlm_batch
 from trainer.metrics import RunLogger, memory_mb, peak_flops, transformer_flops
 from trainer.mlm import SparseMLM, build_mlm
@@ -59,12 +59,7 @@ class PretrainRecipe:
 
 
 def main(recipe_path: str, overrides: list[str]) -> int:
-    recipe = load_config(PretrainRecipe, recipe_path, overrides)
-    env = init_distributed()
-    try:
-        return pretrain(recipe, env, where=str(recipe_path))
-    finally:
-        shutdown()
+    return run_stage(PretrainRecipe, pretrain, recipe_path, overrides)
 
 
 def pretrain(recipe: PretrainRecipe, env: DistEnv, where: str = "recipe") -> int:
