@@ -133,9 +133,9 @@ def transfer_fingerprint(t: TransferSection) -> str:
     key = {k: v for k, v in to_dict(t).items() if k not in ("files", "data_root")}
     key["files"] = [[Path(f).name, sha256_file(f)] for f in t.files]
     if t.task:
-        from trainer.tasks import _resolve_path, resolve_task
+        from trainer.tasks import resolve_task, split_path
 
-        path = _resolve_path(resolve_task(t.task), t.task_split, Path(t.data_root) if t.data_root else None)
+        path = split_path(resolve_task(t.task), t.task_split, Path(t.data_root) if t.data_root else None)
         key["task_file"] = [path.name, sha256_file(path)]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 

@@ -28,7 +28,7 @@ def build_mlm(name: str, vocab_size: int, dropout: float | None = None, max_posi
     else:
         cfg._attn_implementation = attention
         model = BertForMaskedLM(cfg)
-    return fuse_bert(model)
+    return fuse_bert(model)  # LayerNorm and bias+GELU through the kernel dispatch; same parameters
 
 
 class SparseMLM(nn.Module):

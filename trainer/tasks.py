@@ -257,7 +257,7 @@ class _Builder:
         return x
 
 
-def _resolve_path(task: TaskSpec, split: str, data_root: Path | None) -> Path:
+def split_path(task: TaskSpec, split: str, data_root: Path | None) -> Path:
     if split not in SPLITS:
         raise UserError(f"unknown split '{split}' (one of {', '.join(SPLITS)})")
     rel = getattr(task, split)
@@ -280,7 +280,7 @@ def load_split(task: TaskSpec, split: str, data_root: Path | None = None) -> Loa
     """Read one split of `task` into Examples; bad rows raise a one-line UserError (or are skipped)."""
     if task.format == "datasets":
         return _load_datasets(task, split, data_root)
-    path = _resolve_path(task, split, data_root)
+    path = split_path(task, split, data_root)
     builder = _Builder(task, path)
     try:
         if task.format == "jsonl":
@@ -393,7 +393,7 @@ def _load_datasets(task: TaskSpec, split: str, data_root: Path | None) -> Loaded
         raise UserError(f"unknown split '{split}' (one of {', '.join(SPLITS)})")
     hf_split = {**DEFAULT_HF_SPLITS, **(task.hf_split_map or {})}[split]
     local = task.hf_name in LOCAL_BUILDERS
-    where = str(_resolve_path(task, split, data_root)) if local else f"{task.hf_name}/{hf_split}"
+    where = str(split_path(task, split, data_root)) if local else f"{task.hf_name}/{hf_split}"
     try:
         if local:
             ds = datasets.load_dataset(task.hf_name, data_files={hf_split: where}, split=hf_split)
