@@ -203,7 +203,6 @@ def test_resume_reads_no_data_before_the_cursor(tmp_path, recipe, monkeypatch):
     from trainer.launcher import init_distributed, shutdown
     from trainer.pretrain import PretrainRecipe, pretrain
 
-    monkeypatch.setenv("MASTER_PORT", "29611")
     env = init_distributed()
     try:
         out = tmp_path / "inproc"

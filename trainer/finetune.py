@@ -21,7 +21,7 @@ from trainer.config import dump_yaml, save_config
 from trainer.engine import initialize
 from trainer.errors import TrainingStopped
 from trainer.launcher import DistEnv
-from trainer.loop import RunState, agree, every, log0, optimizer_step, run_stage
+from trainer.loop import RunState, agree, every, log0, optimizer_step, run_stage, stop_reason
 from trainer.metrics import RunLogger, memory_mb
 from trainer.recipe import DebugSection, EngineSection, ModelSection, RunSection, TrainSection
 from trainer.task_metrics import compute_metrics, primary_metric
@@ -141,21 +141,15 @@ def finetune(recipe: FinetuneRecipe, env: DistEnv, where: str = "recipe") -> int
         items = order.rank_items(state.cursor)
         micro = [collate(train_enc, chunk, pad_id) for chunk in items.reshape(plan.accumulation, plan.micro_batch)]
         agreed = agree(float(len(items)), t_start, train.max_minutes)
-        if agreed.signal:
-            log0(env, f"stop requested ({preemption.reason() or 'signal on another rank'}): checkpointing")
+        stop = stop_reason(agreed, env, state.step, train.max_minutes)
+        if stop == "signal":
             save()
             exit_code = preemption.EXIT_RESUMABLE
-            break
-        if agreed.out_of_time:
-            log0(env, f"time budget of {train.max_minutes} min reached at step {state.step}")
+        if stop:
             break
         result = optimizer_step(engine, micro, plan, agreed.count, state.step + 1 in recipe.debug.nan_at_steps)
         epoch_before = state.cursor.epoch
-        state.step += 1
-        state.cursor = order.advance(state.cursor)
-        state.tokens_seen += int(result.sums["tokens"])
-        loss = result.sums["loss"] / agreed.count
-        state.nonfinite_streak = state.nonfinite_streak + 1 if result.skipped or not math.isfinite(loss) else 0
+        loss = state.record(order, result, agreed.count)
         scalars = {"loss": loss, "acc": result.sums["correct"] / agreed.count, "lr": result.lr,
                    "grad_norm": result.grad_norm, "skipped": float(result.skipped), "epoch": state.step /
                    order.batches_per_epoch}
@@ -165,10 +159,11 @@ def finetune(recipe: FinetuneRecipe, env: DistEnv, where: str = "recipe") -> int
                             "tokens_per_s": (state.tokens_seen - tokens_last) / dt, **memory_mb(engine.device)})
             t_last, step_last, tokens_last = time.time(), state.step, state.tokens_seen
         logger.log(state.step, scalars)
-        if state.nonfinite_streak >= train.max_nonfinite_in_a_row:
+        try:
+            state.check_finite(env, train.max_nonfinite_in_a_row)
+        except TrainingStopped:
             logger.close()
-            raise TrainingStopped(f"{state.nonfinite_streak} non-finite steps in a row (last at step {state.step}); "
-                                  "lower train.lr or check the data")
+            raise
         if recipe.debug.step_sleep:
             time.sleep(recipe.debug.step_sleep)
         if state.cursor.epoch != epoch_before and state.step < train.steps:

@@ -88,8 +88,11 @@ def init_distributed(env: DistEnv | None = None, timeout_s: int = 1800) -> DistE
         if backend == "gloo" and env.world_size > 1 and env.master_addr in ("127.0.0.1", "localhost"):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         device_for(env)
-        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if env.world_size == 1 and env.launcher == "single":  # no port to collide with other runs
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        else:
+            dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
     return env
 
 

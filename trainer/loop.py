@@ -8,6 +8,7 @@ steps and ranks the gradient is that of the mean over the whole global batch, fo
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from trainer import checkpoint, preemption
 from trainer.config import load_config
 from trainer.engine import BatchPlan, grad_norm
+from trainer.errors import TrainingStopped
 from trainer.launcher import DistEnv, all_reduce_sum, init_distributed, shutdown
 from trainer.sampling import Cursor
 
@@ -86,6 +88,24 @@ class RunState:
         return checkpoint.save(engine, root, self.step, env, {"cursor": asdict(self.cursor)}, client, keep, pause,
                                files)
 
+    def record(self, order, result: StepResult, count: float) -> float:
+        """Book a finished optimizer step (step, cursor, tokens, non-finite streak); -> its mean loss."""
+        self.step += 1
+        self.cursor = order.advance(self.cursor)
+        self.tokens_seen += int(result.sums["tokens"])
+        loss = result.sums["loss"] / count
+        self.nonfinite_streak = self.nonfinite_streak + 1 if result.skipped or not math.isfinite(loss) else 0
+        return loss
+
+    def check_finite(self, env: DistEnv, limit: int) -> None:
+        """Log a skipped update; stop the run after `limit` in a row (the last checkpoint stays intact)."""
+        if not self.nonfinite_streak:
+            return
+        log0(env, f"step {self.step}: non-finite loss or gradient, update skipped ({self.nonfinite_streak} in a row)")
+        if self.nonfinite_streak >= limit:
+            raise TrainingStopped(f"{self.nonfinite_streak} non-finite steps in a row (last at step {self.step}); "
+                                  "lower train.lr or check the data; the last checkpoint is intact")
+
     @classmethod
     def resume(cls, engine, root: Path, env: DistEnv) -> RunState | None:
         restored = checkpoint.load(engine, root, env)
@@ -94,6 +114,17 @@ class RunState:
         client, rank_state = restored
         return cls(client["step"], Cursor(**rank_state["cursor"]), client.get("tokens_seen", 0),
                    client.get("nonfinite_streak", 0), client.get("extra", {}))
+
+
+def stop_reason(agreed: Agreement, env: DistEnv, step: int, max_minutes: float | None) -> str | None:
+    """"signal" (checkpoint, exit resumable), "time" (budget spent: finish normally) or None."""
+    if agreed.signal:
+        log0(env, f"stop requested ({preemption.reason() or 'signal on another rank'}): checkpointing at step {step}")
+        return "signal"
+    if agreed.out_of_time:
+        log0(env, f"time budget of {max_minutes} min reached at step {step}")
+        return "time"
+    return None
 
 
 def run_stage(recipe_cls: type, stage, recipe_path: str, overrides: list[str]) -> int:

@@ -8,7 +8,6 @@ the global batch, whatever the number of ranks or accumulation steps.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from trainer.errors import TrainingStopped, UserError
 from trainer.evaluate_mlm import evaluate_mlm
 from trainer.indexed import TokenShards
 from trainer.launcher import DistEnv
-from trainer.loop import RunState, agree, every, log0, optimizer_step, run_stage
+from trainer.loop import RunState, agree, every, log0, optimizer_step, run_stage, stop_reason
 from trainer.masking import MaskSpec, mlm_batch
 from trainer.metrics import RunLogger, memory_mb, peak_flops, transformer_flops
 from trainer.mlm import SparseMLM, build_mlm
@@ -122,22 +121,15 @@ def pretrain(recipe: PretrainRecipe, env: DistEnv, where: str = "recipe") -> int
                            spec, special)
                  for chunk in items.reshape(plan.accumulation, plan.micro_batch)]
         agreed = agree(sum(b["mlm_labels"].numel() for b in micro), t_start, recipe.train.max_minutes)
-        if agreed.signal:
-            log0(env, f"stop requested ({preemption.reason() or 'signal on another rank'}): "
-                      f"checkpointing at step {state.step}")
+        stop = stop_reason(agreed, env, state.step, recipe.train.max_minutes)
+        if stop == "signal":
             save()
             exit_code = preemption.EXIT_RESUMABLE
-            break
-        if agreed.out_of_time:
-            log0(env, f"time budget of {recipe.train.max_minutes} min reached at step {state.step}")
+        if stop:
             break
         result = optimizer_step(engine, micro, plan, agreed.count, state.step + 1 in recipe.debug.nan_at_steps)
-        state.step += 1
-        state.cursor = order.advance(state.cursor)
-        state.tokens_seen += int(result.sums["tokens"])
+        loss = state.record(order, result, agreed.count)
         flops += transformer_flops(hf.config, int(result.sums["tokens"]), corpus.seq_len, int(agreed.count))
-        loss = result.sums["loss"] / agreed.count
-        state.nonfinite_streak = state.nonfinite_streak + 1 if result.skipped or not math.isfinite(loss) else 0
         scalars = {"loss": loss, "mlm_acc": result.sums["correct"] / agreed.count, "lr": result.lr,
                    "grad_norm": result.grad_norm, "skipped": float(result.skipped)}
         if state.step % recipe.run.log_every == 0 or state.step == recipe.train.steps:
@@ -147,13 +139,11 @@ def pretrain(recipe: PretrainRecipe, env: DistEnv, where: str = "recipe") -> int
                             "mfu": flops / dt / peak, "tokens_seen": state.tokens_seen, **memory_mb(engine.device)})
             t_last, tokens_last, step_last, flops = time.time(), state.tokens_seen, state.step, 0.0
         logger.log(state.step, scalars)
-        if result.skipped:
-            log0(env, f"step {state.step}: non-finite loss or gradient, update skipped "
-                      f"({state.nonfinite_streak} in a row)")
-            if state.nonfinite_streak >= recipe.train.max_nonfinite_in_a_row:
-                logger.close()
-                raise TrainingStopped(f"{state.nonfinite_streak} non-finite steps in a row (last at step "
-                                      f"{state.step}); lower train.lr or check the data; the last checkpoint is intact")
+        try:
+            state.check_finite(env, recipe.train.max_nonfinite_in_a_row)
+        except TrainingStopped:
+            logger.close()
+            raise
         if recipe.debug.step_sleep:
             time.sleep(recipe.debug.step_sleep)
         if every(recipe.run.ckpt_every, state.step, recipe.train.steps):
