@@ -138,13 +138,15 @@ def cross_entropy_chunk_(
     x = _as_fp32_workspace(logits)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
-    lse = torch.logsumexp(x, dim=-1)
     picked = x.gather(1, safe[:, None]).squeeze(1)
-    loss = torch.where(valid, lse - picked, torch.zeros_like(lse))
-    correct = (x.argmax(dim=-1) == labels) & valid
-    x.sub_(lse[:, None]).exp_()
-    x.scatter_add_(1, safe[:, None], -valid.to(x.dtype)[:, None])
-    x.mul_((row_scale * valid)[:, None])  # ignored labels get no gradient whatever their scale
+    top = x.amax(dim=-1)
+    correct = (picked >= top) & valid  # the label attains the max: no separate argmax pass over the vocab
+    x.sub_(top[:, None]).exp_()  # in place: no [rows, vocab] temporary
+    total = x.sum(dim=-1)
+    loss = torch.where(valid, top + total.log() - picked, torch.zeros_like(top))
+    scale = row_scale * valid  # ignored labels get no gradient whatever their scale
+    x.mul_((scale / total)[:, None])
+    x.scatter_add_(1, safe[:, None], -scale.to(x.dtype)[:, None])
     if x is not logits:
         logits.copy_(x)
     return loss, correct

@@ -8,6 +8,7 @@ the global batch, whatever the number of ranks or accumulation steps.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,14 +38,16 @@ class PretrainData:
     eval: str | None = None  # held-out shard directory (e.g. WikiText-2 valid)
     eval_max_sequences: int | None = 2000
     eval_seed: int = 1234  # fixed evaluation masks
+    eval_mask_prob: float = 0.15  # evaluation masks stay BERT's 15% whatever the training rate
     mask_prob: float = 0.15
     verify: Literal["full", "size"] = "full"  # sha256 of every shard at start, or sizes only
 
     def validate(self) -> None:
         if not self.train:
             raise ValueError("missing required key 'data.train' (a preprocessed shard directory)")
-        if not 0 < self.mask_prob < 1:
-            raise ValueError(f"data.mask_prob must be in (0, 1), got {self.mask_prob}")
+        for key in ("mask_prob", "eval_mask_prob"):
+            if not 0 < getattr(self, key) < 1:
+                raise ValueError(f"data.{key} must be in (0, 1), got {getattr(self, key)}")
 
 
 @dataclass
@@ -74,6 +77,7 @@ def pretrain(recipe: PretrainRecipe, env: DistEnv, where: str = "recipe") -> int
     vocab = corpus.manifest["tokenizer"]["vocab_size"]
     spec = MaskSpec(vocab_size=vocab, specials=special_ids(tok), mask_prob=recipe.data.mask_prob)
     special = spec.special_table()
+    eval_spec = dataclasses.replace(spec, mask_prob=recipe.data.eval_mask_prob)
 
     torch.manual_seed(recipe.train.seed)  # identical initial weights on every rank
     hf = build_mlm(recipe.model.name, vocab, recipe.model.dropout, recipe.model.max_position, recipe.model.attention)
@@ -107,7 +111,7 @@ def pretrain(recipe: PretrainRecipe, env: DistEnv, where: str = "recipe") -> int
 
     def run_eval() -> None:
         if eval_corpus is not None:
-            metrics = evaluate_mlm(engine, eval_corpus, spec, env, recipe.train.micro_batch,
+            metrics = evaluate_mlm(engine, eval_corpus, eval_spec, env, recipe.train.micro_batch,
                                    recipe.data.eval_max_sequences, recipe.data.eval_seed)
             logger.log(state.step, metrics, prefix="eval")
 
