@@ -134,7 +134,7 @@ def _as_fp32_workspace(logits: Tensor) -> Tensor:
 def cross_entropy_chunk_(
     logits: Tensor, row_scale: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX
 ) -> tuple[Tensor, Tensor]:
-    """Cross-entropy rows + argmax hits; leaves row_scale * (softmax - onehot) in ``logits``."""
+    """Cross-entropy rows + hits (label attains the row max); leaves row_scale * (softmax - onehot) in ``logits``."""
     x = _as_fp32_workspace(logits)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
