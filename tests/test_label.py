@@ -123,8 +123,8 @@ def test_slurm_job_array_then_dependent_finalize(tmp_path, teacher):
         assert time.time() < deadline, "Slurm jobs did not finish"
         time.sleep(1)
     state = subprocess.run(["scontrol", "show", "job", fin], capture_output=True, text=True).stdout
-    logs = "\n".join(p.read_text() for p in tmp_path.glob("*.out"))
-    assert "JobState=COMPLETED" in state, logs[-4000:]
+    logs = "\n".join(f"== {p.name}\n{p.read_text()[-1500:]}" for p in sorted(tmp_path.glob("*.out")))
+    assert "JobState=COMPLETED" in state, logs
     store = SoftLabelStore(out)
     assert len(store) == 700
     writers = {p.name.split(".")[0].rsplit("-", 1)[0] for p in out.glob("part-*.json")}

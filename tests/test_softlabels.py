@@ -345,3 +345,23 @@ def test_inspector_exit_codes(tmp_path):
     proc = run_cli("tools/inspect_softlabels.py", str(tmp_path / "c"), timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and victim.name.split(".")[0] in proc.stderr
+
+
+def test_counting_other_writers_progress_leaves_their_files_alone(tmp_path):
+    """A finishing writer counts everyone's parts (to decide whether to finalize) while others still write."""
+    from trainer.label import _all_parts, _claim_finalize
+
+    ids, logits, gold = cls_data(40)
+    with SoftLabelWriter(tmp_path, wid(0), "classification", num_classes=C, part_examples=10) as w:
+        w.add_classification(ids[:20], logits[:20])
+    running = SoftLabelWriter(tmp_path, wid(1), "classification", num_classes=C, part_examples=10)
+    running.add_classification(ids[20:30], logits[20:30])  # one part published, the writer still open
+    in_flight = [tmp_path / f".part-{wid(1)}-00001.logits.bin.4242.tmp",  # being written
+                 tmp_path / f"part-{wid(1)}-00001.ids.bin"]  # renamed, its sidecar not yet
+    for path in in_flight:
+        path.write_bytes(b"x")
+    assert sum(p["examples"] for p in _all_parts(tmp_path)) == 30
+    assert all(path.exists() for path in in_flight)
+    assert len(finished_parts(tmp_path, wid(1))) == 1  # the writer itself, resuming, cleans up
+    assert not any(path.exists() for path in in_flight)
+    assert _claim_finalize(tmp_path) and not _claim_finalize(tmp_path)  # one auto-finalizer only

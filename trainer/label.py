@@ -34,6 +34,8 @@ from trainer.recipe import DebugSection
 from trainer.softlabels import MANIFEST, SoftLabelWriter, finalize, finished_parts, make_writer_id
 from trainer.tokenization import load_tokenizer, special_ids, tokenizer_hash
 
+FINALIZE_CLAIM = ".finalize.claim"  # created by the one writer that auto-finalizes
+
 SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s+[\"'(\[]?[A-Z0-9])")
 HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
 
@@ -274,6 +276,10 @@ def maybe_finalize(recipe: LabelRecipe, out: Path, total: int, tok, model_dir: P
             raise UserError(msg)
         print(msg, file=sys.stderr)
         return None
+    if not required and not _claim_finalize(out):
+        print(f"{out}: every example is labeled; another writer is finalizing (if it died, run --finalize)",
+              file=sys.stderr)
+        return None
     header = {"teacher": teacher_fingerprint(model_dir), "tokenizer_hash": tokenizer_hash(tok),
               "transfer_fingerprint": transfer_fingerprint(recipe.transfer), "command": command,
               "config": to_dict(recipe), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -282,9 +288,18 @@ def maybe_finalize(recipe: LabelRecipe, out: Path, total: int, tok, model_dir: P
     return manifest
 
 
+def _claim_finalize(out: Path) -> bool:
+    """Writers that finish together may all see the last part: an exclusive create lets one finalize."""
+    try:
+        os.close(os.open(out / FINALIZE_CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
 def _all_parts(out: Path) -> list[dict]:
     writers = {p.name.split("-", 1)[1].rsplit("-", 1)[0] for p in out.glob("part-*.json")}
-    return [info for w in sorted(writers) for info in finished_parts(out, w)]
+    return [info for w in sorted(writers) for info in finished_parts(out, w, cleanup=False)]  # others may run
 
 
 def _progress(total: int, env: DistEnv):

@@ -202,11 +202,13 @@ def _kind_settings(kind: str, num_classes: int | None, k: int | None, vocab_size
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def finished_parts(store_dir: str | Path, writer_id: str) -> list[dict]:
-    """Sidecars of the writer's leading run of intact parts; deletes its temp files and everything after.
+def finished_parts(store_dir: str | Path, writer_id: str, cleanup: bool = True) -> list[dict]:
+    """Sidecars of the writer's leading run of intact parts; with `cleanup` (only the writer itself, when
+    it resumes) deletes its temp files and everything after.
 
-    Only this writer's files are touched (other writers may be running in the same directory). Sizes
-    and headers are checked, not sha256 (`finalize` does that once at the end).
+    Only this writer's files are touched: other writers may be running in the same directory, so
+    anyone else counting their progress passes `cleanup=False`. Sizes and headers are checked, not
+    sha256 (`finalize` does that once at the end).
     """
     directory = Path(store_dir)
     _check_writer_id(writer_id)
@@ -219,7 +221,8 @@ def finished_parts(store_dir: str | Path, writer_id: str) -> list[dict]:
         if m is None:
             continue
         if path.name.startswith("."):  # temp file of a killed writer: its part has no sidecar yet
-            path.unlink(missing_ok=True)
+            if cleanup:
+                path.unlink(missing_ok=True)
         else:
             files.setdefault(int(m.group(1)), []).append(path)
     done: list[dict] = []
@@ -238,7 +241,7 @@ def finished_parts(store_dir: str | Path, writer_id: str) -> list[dict]:
             break
         done.append(info)
     for part, paths in files.items():  # unfinished, broken, or after a gap: redone by the resumed writer
-        if part >= len(done):
+        if cleanup and part >= len(done):
             for path in sorted(paths, key=lambda p: p.suffix != ".json"):  # sidecar first
                 path.unlink(missing_ok=True)
     return done
