@@ -38,14 +38,14 @@ def shared() -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from trainer.tokenization import load_tokenizer
+    from trainer.data.tokenization import load_tokenizer
 
     return load_tokenizer()
 
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
-    from trainer.zoo import minilm_dir
+    from trainer.models.zoo import minilm_dir
 
     return minilm_dir()
 

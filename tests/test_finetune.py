@@ -10,8 +10,8 @@ import pytest
 import torch
 from distributed import metrics, run
 
-from trainer.classify import BucketedOrder
-from trainer.sampling import Cursor
+from trainer.data.sampling import Cursor
+from trainer.models.classify import BucketedOrder
 
 STEPS = 8
 
@@ -92,8 +92,8 @@ def test_finetune_starts_from_a_pretraining_checkpoint(tmp_path, shared):
     from safetensors.torch import load_file
 
     from trainer.checkpoint import to_hf_dir
-    from trainer.preprocess import PackOptions, preprocess
-    from trainer.text_sources import SourceSpec
+    from trainer.data.preprocess import PackOptions, preprocess
+    from trainer.data.text_sources import SourceSpec
 
     corpus = tmp_path / "corpus"
     preprocess(SourceSpec(files=DEMO_BOOKS[:2], strip_gutenberg=True), corpus, None, PackOptions(seq_len=64),

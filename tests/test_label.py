@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from distributed import kill_group, run, start, wait_for
 
-from trainer.label import TransferSection, split_into_sentences, transfer_examples
-from trainer.softlabels import SoftLabelStore
+from trainer.data.softlabels import SoftLabelStore
+from trainer.stages.label import TransferSection, split_into_sentences, transfer_examples
 
 
 @pytest.fixture(scope="module")

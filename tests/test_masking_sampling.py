@@ -3,10 +3,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from trainer.data.masking import MaskSpec, mask_one, mlm_batch
+from trainer.data.sampling import BatchOrder, Cursor, Permutation
+from trainer.data.tokenization import SpecialIds
 from trainer.errors import UserError
-from trainer.masking import MaskSpec, mask_one, mlm_batch
-from trainer.sampling import BatchOrder, Cursor, Permutation
-from trainer.tokenization import SpecialIds
 
 SPECIALS = SpecialIds(pad=0, unk=100, cls=101, sep=102, mask=103)
 SPEC = MaskSpec(vocab_size=30522, specials=SPECIALS)

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from conftest import DEMO_BOOKS, ROOT, read_book, run_cli
 
+from trainer.data.indexed import TokenShards
+from trainer.data.preprocess import PackOptions, preprocess
+from trainer.data.text_sources import SourceSpec
 from trainer.errors import UserError
-from trainer.indexed import TokenShards
-from trainer.preprocess import PackOptions, preprocess
-from trainer.text_sources import SourceSpec
 
 BOOKS = DEMO_BOOKS[:3]
 
@@ -88,7 +88,7 @@ def test_reader_reports_flipped_byte_with_shard_name(tmp_path):
 
 def test_resume_after_crash_matches_uninterrupted_run(tmp_path, monkeypatch):
     build(tmp_path / "full", seq_len=64, shard_tokens=15_000)
-    import trainer.preprocess as pp
+    import trainer.data.preprocess as pp
 
     real_close = pp.ShardWriter.close
     calls = {"n": 0}
@@ -124,7 +124,7 @@ def _assert_same_corpus(a: Path, b: Path) -> None:
 
 KILL_SCRIPT = """
 import sys, time
-import trainer.preprocess as pp
+import trainer.data.preprocess as pp
 real = pp.ShardWriter.close
 def slow_close(self, extra):
     info = real(self, extra)

@@ -13,8 +13,8 @@ import torch
 from conftest import DEMO_BOOKS
 from distributed import kill_group, max_step, metrics, run, start, wait_for
 
-from trainer.preprocess import PackOptions, preprocess
-from trainer.text_sources import SourceSpec
+from trainer.data.preprocess import PackOptions, preprocess
+from trainer.data.text_sources import SourceSpec
 
 STEPS = 12
 
@@ -63,9 +63,9 @@ def assert_losses_match(a: dict[int, float], b: dict[int, float], steps, rel: fl
 def test_sparse_head_loss_equals_full_head():
     from transformers import BertConfig, BertForMaskedLM
 
-    from trainer.masking import MaskSpec, mlm_batch
-    from trainer.mlm import SparseMLM
-    from trainer.tokenization import SpecialIds
+    from trainer.data.masking import MaskSpec, mlm_batch
+    from trainer.data.tokenization import SpecialIds
+    from trainer.models.mlm import SparseMLM
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=500, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -160,8 +160,8 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, recipe):
 def test_export_loads_in_transformers_with_matching_logits(reference_runs, corpus):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from trainer.indexed import TokenShards
-    from trainer.mlm import SparseMLM
+    from trainer.data.indexed import TokenShards
+    from trainer.models.mlm import SparseMLM
 
     export = reference_runs["zero3"] / "export"
     model = AutoModelForMaskedLM.from_pretrained(export).eval()
@@ -198,10 +198,10 @@ def test_tensorboard_events_are_written_and_readable(reference_runs):
 
 def test_resume_reads_no_data_before_the_cursor(tmp_path, recipe, monkeypatch):
     """Resuming at step k costs the same as at step 0: the cursor is restored, not replayed."""
-    import trainer.indexed as indexed
+    import trainer.data.indexed as indexed
     from trainer.config import load_config
     from trainer.launcher import init_distributed, shutdown
-    from trainer.pretrain import PretrainRecipe, pretrain
+    from trainer.stages.pretrain import PretrainRecipe, pretrain
 
     env = init_distributed()
     try:

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
-from trainer.errors import UserError
-from trainer.sampling import Cursor
-from trainer.softlabels import (
+from trainer.data.sampling import Cursor
+from trainer.data.softlabels import (
     MANIFEST,
     SoftLabelStore,
     SoftLabelWriter,
@@ -20,6 +19,7 @@ from trainer.softlabels import (
     make_writer_id,
     topk_kl_to_full,
 )
+from trainer.errors import UserError
 
 HEADER = {"tokenizer_hash": "a" * 64, "transfer_fingerprint": "b" * 64,
           "teacher": {"config_sha256": "c" * 64, "weights_sha256": "d" * 64}, "command": ["wellread", "label"]}
@@ -349,7 +349,7 @@ def test_inspector_exit_codes(tmp_path):
 
 def test_counting_other_writers_progress_leaves_their_files_alone(tmp_path):
     """A finishing writer counts everyone's parts (to decide whether to finalize) while others still write."""
-    from trainer.label import _all_parts, _claim_finalize
+    from trainer.stages.label import _all_parts, _claim_finalize
 
     ids, logits, gold = cls_data(40)
     with SoftLabelWriter(tmp_path, wid(0), "classification", num_classes=C, part_examples=10) as w:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from trainer.task_metrics import (
+from trainer.data.task_metrics import (
     PRIMARY_METRIC,
     accuracy,
     compute_metrics,
@@ -18,7 +18,7 @@ from trainer.task_metrics import (
     rankdata,
     spearman,
 )
-from trainer.tasks import builtin_task
+from trainer.data.tasks import builtin_task
 
 
 def confusion(tp: int, tn: int, fp: int, fn: int) -> tuple[list[int], list[int]]:

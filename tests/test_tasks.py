@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from trainer.config import from_dict
-from trainer.errors import UserError
-from trainer.tasks import (
+from trainer.data.tasks import (
     BUILTIN_TASKS,
     Example,
     LoadedSplit,
@@ -22,6 +21,7 @@ from trainer.tasks import (
     load_split,
     resolve_task,
 )
+from trainer.errors import UserError
 
 # (task, split) -> official row count and label distribution by label *string* (from shared/data/README.md).
 OFFICIAL = {

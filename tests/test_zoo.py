@@ -9,7 +9,7 @@ from conftest import ROOT, run_cli
 from transformers import AutoModel, BertForPreTraining, BertModel
 
 from trainer.errors import UserError
-from trainer.zoo import ALIASES, PRESETS, PUBLISHED_MILLIONS, bert_config, parameter_counts, resolve
+from trainer.models.zoo import ALIASES, PRESETS, PUBLISHED_MILLIONS, bert_config, parameter_counts, resolve
 
 
 def test_grid_has_all_24_students_and_teachers():

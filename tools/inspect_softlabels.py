@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Verify a soft-label store (layout: trainer/softlabels.py) and summarise what the teacher gave it.
+"""Verify a soft-label store (layout: trainer/data/softlabels.py) and summarise what the teacher gave it.
 
     python tools/inspect_softlabels.py runs/labels/sst2-bert-base [--json]
 
@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from trainer.cli import run_main
+from trainer.data.softlabels import SoftLabelStore
 from trainer.errors import UserError
-from trainer.softlabels import SoftLabelStore
 
 CHUNK = 1 << 16  # rows per read: bounded memory however large the store
 LOGPROB_TOL = 1e-2  # fp16 rounding of log p near 0 may land slightly above 0

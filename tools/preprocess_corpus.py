@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Tokenize a corpus into memory-mapped token shards for `wellread pretrain` (layout: trainer/indexed.py).
+"""Tokenize a corpus into memory-mapped token shards for `wellread pretrain` (layout: trainer/data/indexed.py).
 
     python tools/preprocess_corpus.py ../shared/data/gutenberg/books/*.txt.gz --strip-gutenberg \
         --out data/gutenberg-128 --seq-len 128 --workers 2
@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from trainer.cli import run_main
-from trainer.preprocess import PackOptions, preprocess
-from trainer.text_sources import SourceSpec
+from trainer.data.preprocess import PackOptions, preprocess
+from trainer.data.text_sources import SourceSpec
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

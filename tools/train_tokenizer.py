@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 from trainer.cli import run_main
+from trainer.data.text_sources import SourceSpec, SourceStats, iter_pieces
+from trainer.data.tokenization import SPECIALS
 from trainer.errors import UserError
-from trainer.text_sources import SourceSpec, SourceStats, iter_pieces
-from trainer.tokenization import SPECIALS
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ def run_main(fn: Callable[..., int], *args) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from trainer.zoo import format_grid
+    from trainer.models.zoo import format_grid
 
     print(format_grid(args.vocab_size))
     return 0
@@ -39,19 +39,19 @@ def _recipe_command(module: str) -> Callable[[argparse.Namespace], int]:
 
 
 def _cmd_evaluate_mlm(args: argparse.Namespace) -> int:
-    from trainer.evaluate_mlm import main
+    from trainer.stages.evaluate_mlm import main
 
     return main(args)
 
 
 def _cmd_label(args: argparse.Namespace) -> int:
-    from trainer.label import main
+    from trainer.stages.label import main
 
     return main(args)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from trainer.evaluate import main
+    from trainer.stages.evaluate import main
 
     return main(args)
 
@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_cmd_models)
 
     for name, module, text in (
-        ("pretrain", "trainer.pretrain", "MLM pre-training (DeepSpeed)"),
-        ("finetune", "trainer.finetune", "fine-tune on a labeled task"),
+        ("pretrain", "trainer.stages.pretrain", "MLM pre-training (DeepSpeed)"),
+        ("finetune", "trainer.stages.finetune", "fine-tune on a labeled task"),
     ):
         s = sub.add_parser(name, help=text, description=f"{text}. RECIPE is a YAML file; OVERRIDES are key.sub=value.")
         s.add_argument("recipe", help="YAML recipe file")

@@ -18,10 +18,10 @@ import torch
 
 from trainer import checkpoint, preemption
 from trainer.config import load_config
+from trainer.data.sampling import Cursor
 from trainer.engine import BatchPlan, grad_norm
 from trainer.errors import TrainingStopped
 from trainer.launcher import DistEnv, all_reduce_sum, init_distributed, shutdown
-from trainer.sampling import Cursor
 
 
 @dataclass

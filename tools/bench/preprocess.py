@@ -72,7 +72,7 @@ def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]
 
 def plain_copy(books: list[Path], dest: Path, copies: int) -> list[Path]:
     sys.path.insert(0, str(ROOT))
-    from trainer.text_sources import SourceStats, open_text, strip_gutenberg
+    from trainer.data.text_sources import SourceStats, open_text, strip_gutenberg
 
     dest.mkdir(parents=True, exist_ok=True)
     files = []
@@ -96,7 +96,7 @@ def main() -> None:
     books = sorted(args.corpus.glob("*.txt*"))
     if not books:
         raise SystemExit(f"{args.corpus}: no books found")
-    from trainer.zoo import minilm_dir
+    from trainer.models.zoo import minilm_dir
 
     results = {"corpus": str(args.corpus), "books": len(books), "seq_len": args.seq_len, "runs": []}
     with tempfile.TemporaryDirectory() as tmp:

@@ -29,8 +29,8 @@ import json, sys, time
 import numpy as np, torch
 from transformers import BertForMaskedLM, DataCollatorForLanguageModeling, BertTokenizerFast
 sys.path.insert(0, sys.argv[6])
-from trainer.indexed import TokenShards
-from trainer.zoo import bert_config, minilm_dir
+from trainer.data.indexed import TokenShards
+from trainer.models.zoo import bert_config, minilm_dir
 corpus, name = TokenShards(sys.argv[1], verify="size"), sys.argv[2]
 batch, steps, warmup = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 torch.manual_seed(0)
@@ -100,9 +100,9 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from trainer.indexed import TokenShards
-    from trainer.metrics import peak_flops, transformer_flops
-    from trainer.zoo import bert_config
+    from trainer.data.indexed import TokenShards
+    from trainer.models.zoo import bert_config
+    from trainer.runlog import peak_flops, transformer_flops
 
     seq_len = TokenShards(args.corpus, verify="size").seq_len
     peak = peak_flops(torch.device("cpu"))

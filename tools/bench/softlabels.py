@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Soft-label store (trainer/softlabels.py): storage, reader throughput and labeling overhead, in one run.
+"""Soft-label store (trainer/data/softlabels.py): storage, reader throughput and labeling overhead, in one run.
 
 1. Storage. Real stores written with SoftLabelWriter + finalize: classification (C classes, fp16
    logits + int64 id + int64 gold) and MLM top-k for several k (fp16 log-probs + uint16 ids + the
@@ -17,9 +17,9 @@
    the top-k at every non-pad position).
 3. Labeling overhead. Teacher = all-MiniLM-L6-v2 as BertForSequenceClassification (2 labels, random
    head: throughput only) on the first N SST-2 train sentences. (a) plain inference: what
-   trainer.label.label does minus the store (same teacher loading, transfer reader, tokenization,
-   length-sorted windows, trainer.label.Teacher forward passes), outputs discarded; (b) the real
-   `trainer.label.label(...)` in this process (writer, fp16 parts, fsync, sha256, finalize with the
+   trainer.stages.label.label does minus the store (same teacher loading, transfer reader, tokenization,
+   length-sorted windows, trainer.stages.label.Teacher forward passes), outputs discarded; (b) the real
+   `trainer.stages.label.label(...)` in this process (writer, fp16 parts, fsync, sha256, finalize with the
    teacher/transfer fingerprints). Same process, so the same torch threads and tokenizer settings;
    run a, b, a, b (after an untimed warm-up of both) and keep the best of each. In-process rather
    than a CLI subprocess: interpreter start, imports and process-group setup are not labeling, and
@@ -89,7 +89,7 @@ def mlm_arrays(n: int, seq: int, k: int, vocab: int, pool: tuple[np.ndarray, np.
 
 
 def write_classification(directory: Path, logits: np.ndarray, gold: np.ndarray, part_examples: int) -> float:
-    from trainer.softlabels import SoftLabelWriter, finalize, make_writer_id
+    from trainer.data.softlabels import SoftLabelWriter, finalize, make_writer_id
 
     t = time.perf_counter()
     n, c = logits.shape
@@ -102,7 +102,7 @@ def write_classification(directory: Path, logits: np.ndarray, gold: np.ndarray, 
 
 
 def write_mlm(directory: Path, arrays: dict, k: int, vocab: int, part_examples: int) -> float:
-    from trainer.softlabels import SoftLabelWriter, finalize, make_writer_id
+    from trainer.data.softlabels import SoftLabelWriter, finalize, make_writer_id
 
     t = time.perf_counter()
     n = len(arrays["tokens"])
@@ -118,7 +118,7 @@ def write_mlm(directory: Path, arrays: dict, k: int, vocab: int, part_examples: 
 
 # ---------------------------------------------------------------------------------------------- 1. storage
 def storage(tmp: Path, args, pool) -> dict:
-    from trainer.softlabels import SoftLabelStore
+    from trainer.data.softlabels import SoftLabelStore
 
     out: dict = {"classification": {}, "mlm": []}
     rng = np.random.default_rng(1)
@@ -160,8 +160,8 @@ def storage(tmp: Path, args, pool) -> dict:
 # ---------------------------------------------------------------------------------------------- 2. reader
 def read_loop(n: int, batch: int, seed: int, fetch) -> tuple[float, int]:
     """One epoch in StoreSampler order (sampler included), calling fetch(indices) per batch."""
-    from trainer.sampling import Cursor
-    from trainer.softlabels import StoreSampler
+    from trainer.data.sampling import Cursor
+    from trainer.data.softlabels import StoreSampler
 
     sampler = StoreSampler(n, batch, 0, 1, seed)
     cursor, examples = Cursor(0, 0), 0
@@ -175,7 +175,7 @@ def read_loop(n: int, batch: int, seed: int, fetch) -> tuple[float, int]:
 
 
 def open_times(directory: Path) -> dict:
-    from trainer.softlabels import SoftLabelStore
+    from trainer.data.softlabels import SoftLabelStore
 
     t = time.perf_counter()
     SoftLabelStore(directory, verify="full")
@@ -247,8 +247,8 @@ def reader_mlm(tmp: Path, args, pool) -> tuple[dict, list[dict]]:
              "mb_per_s": ex * per_ex_dense / secs / MB, "bytes_per_example": per_ex_dense,
              "examples_per_s_incl_load": ex / (secs + load_s)}
     # a few real batches for the student step
-    from trainer.sampling import Cursor
-    from trainer.softlabels import StoreSampler
+    from trainer.data.sampling import Cursor
+    from trainer.data.softlabels import StoreSampler
 
     sampler, cursor, batches = StoreSampler(n, args.batch, 0, 1, args.seed), Cursor(0, 0), []
     for _ in range(3):
@@ -264,7 +264,7 @@ def student_rate(kind: str, batches: list[dict], args) -> dict:
     from transformers import BertForMaskedLM, BertForSequenceClassification
 
     from kernels.dispatch import kl_div, linear_kl_div
-    from trainer.zoo import bert_config
+    from trainer.models.zoo import bert_config
 
     torch.manual_seed(0)
     cfg = bert_config(args.student)
@@ -332,13 +332,13 @@ class _Clock:
 
 
 def plain_inference(recipe) -> int:
-    """trainer.label.label minus the store: same loading, reader, tokenization, sorting and forward passes."""
+    """trainer.stages.label.label minus the store: same loading, reader, tokenization, sorting and forward passes."""
     import torch
 
-    from trainer import label as lab
+    from trainer.data.tokenization import load_tokenizer, special_ids
     from trainer.launcher import DistEnv
-    from trainer.tokenization import load_tokenizer, special_ids
-    from trainer.zoo import resolve
+    from trainer.models.zoo import resolve
+    from trainer.stages import label as lab
 
     model_dir = resolve(recipe.teacher)
     o = recipe.output
@@ -363,9 +363,9 @@ def labeling(tmp: Path, args) -> dict:
     import torch
     import transformers
 
-    from trainer import label as lab
     from trainer.launcher import DistEnv
-    from trainer.zoo import minilm_dir
+    from trainer.models.zoo import minilm_dir
+    from trainer.stages import label as lab
 
     transformers.logging.set_verbosity_error()  # the random classifier head's "newly initialized" warning
     clock = _Clock()
@@ -383,7 +383,7 @@ def labeling(tmp: Path, args) -> dict:
         r.validate()
         return r
 
-    # untimed warm-up of both paths: page cache, oneDNN, first-call imports (trainer.masking, tqdm)
+    # untimed warm-up of both paths: page cache, oneDNN, first-call imports (trainer.data.masking, tqdm)
     plain_inference(recipe(tmp / "warm-up", 64))
     lab.label(recipe(tmp / "warm-up", 64), 0, 1, DistEnv(), ["wellread", "label", "(warm-up)"])
     runs: dict[str, list[dict]] = {"plain": [], "label": []}
@@ -474,7 +474,7 @@ def main() -> None:
 
         rc = reader_classification(tmp, args)
         rm, mlm_batches = reader_mlm(tmp, args, pool)
-        from trainer.softlabels import SoftLabelStore
+        from trainer.data.softlabels import SoftLabelStore
 
         cls_store = SoftLabelStore(tmp / "cls", verify="size")
         cls_batches = [cls_store.batch(np.arange(i * args.batch, (i + 1) * args.batch)) for i in range(3)]

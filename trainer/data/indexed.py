@@ -202,7 +202,7 @@ class TokenShards:
 
     def tokenizer(self):
         """The tokenizer that produced the ids, checked against the manifest's fingerprint."""
-        from trainer.tokenization import load_tokenizer, tokenizer_hash
+        from trainer.data.tokenization import load_tokenizer, tokenizer_hash
 
         tok = load_tokenizer(self.directory / TOKENIZER_FILE)
         if tokenizer_hash(tok) != self.tokenizer_hash:

@@ -1,7 +1,7 @@
 """`wellread label RECIPE.yaml [--shard-index i --num-shards n] [--finalize]`: teacher soft labels.
 
 Runs the teacher over an unlabeled transfer set and writes a soft-label store (layout in
-trainer/softlabels.py): sequence logits of a fine-tuned classifier, or top-k MLM distributions of an
+trainer/data/softlabels.py): sequence logits of a fine-tuned classifier, or top-k MLM distributions of an
 MLM teacher (with the exact token ids it saw). The transfer set is enumerated the same way by every
 writer; example i belongs to job shard i mod n (a Slurm array task) and, inside it, to rank
 (i div n) mod world. Each writer skips what its finished parts already hold, so a killed job resumes.
@@ -26,13 +26,13 @@ import numpy as np
 import torch
 
 from trainer.config import dump_yaml, load_config, to_dict
+from trainer.data.softlabels import MANIFEST, SoftLabelWriter, finalize, finished_parts, make_writer_id
+from trainer.data.tokenization import load_tokenizer, special_ids, tokenizer_hash
 from trainer.errors import UserError
 from trainer.fileio import sha256_file
 from trainer.launcher import DistEnv, barrier, init_distributed, shutdown
 from trainer.loop import log0
 from trainer.recipe import DebugSection
-from trainer.softlabels import MANIFEST, SoftLabelWriter, finalize, finished_parts, make_writer_id
-from trainer.tokenization import load_tokenizer, special_ids, tokenizer_hash
 
 FINALIZE_CLAIM = ".finalize.claim"  # created by the one writer that auto-finalizes
 
@@ -104,13 +104,13 @@ def transfer_examples(t: TransferSection) -> Iterator[tuple[str, int]]:
 
     def stream() -> Iterator[tuple[str, int]]:
         if t.task:
-            from trainer.tasks import load_split, resolve_task
+            from trainer.data.tasks import load_split, resolve_task
 
             loaded = load_split(resolve_task(t.task), t.task_split, Path(t.data_root) if t.data_root else None)
             for e in loaded.examples:
                 yield from units(e.text_a, int(e.label))
         if t.files or t.hf_dataset:
-            from trainer.text_sources import SourceSpec, SourceStats, iter_pieces
+            from trainer.data.text_sources import SourceSpec, SourceStats, iter_pieces
 
             spec = SourceSpec(files=[Path(f) for f in t.files], doc_mode=t.doc_mode, text_field=t.text_field,
                               hf_dataset=t.hf_dataset, hf_split=t.hf_split)
@@ -135,7 +135,7 @@ def transfer_fingerprint(t: TransferSection) -> str:
     key = {k: v for k, v in to_dict(t).items() if k not in ("files", "data_root")}
     key["files"] = [[Path(f).name, sha256_file(f)] for f in t.files]
     if t.task:
-        from trainer.tasks import resolve_task, split_path
+        from trainer.data.tasks import resolve_task, split_path
 
         path = split_path(resolve_task(t.task), t.task_split, Path(t.data_root) if t.data_root else None)
         key["task_file"] = [path.name, sha256_file(path)]
@@ -199,7 +199,7 @@ def writer_examples(recipe: LabelRecipe, shard: int, num_shards: int, env: DistE
 
 
 def label(recipe: LabelRecipe, shard: int, num_shards: int, env: DistEnv, command: list[str]) -> int:
-    from trainer.zoo import resolve
+    from trainer.models.zoo import resolve
 
     model_dir = resolve(recipe.teacher)
     if not isinstance(model_dir, Path) or not (model_dir / "model.safetensors").is_file():
@@ -219,7 +219,7 @@ def label(recipe: LabelRecipe, shard: int, num_shards: int, env: DistEnv, comman
     todo = mine[writer.examples_done:]
     log0(env, f"labeling {total:,} transfer examples with {model_dir} ({o.kind}); job shard {shard}/{num_shards}, "
               f"{env.world_size} rank(s); this writer: {len(mine):,}, {writer.examples_done:,} already done")
-    from trainer.masking import MaskSpec, mask_one
+    from trainer.data.masking import MaskSpec, mask_one
 
     mask_spec = MaskSpec(vocab_size=teacher.vocab_size, specials=specials, mask_prob=o.mask_prob or 0.15)
     special = mask_spec.special_table()
@@ -318,7 +318,7 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--shard-index {shard} must be in [0, --num-shards {num_shards})")
     command = ["wellread", "label", args.recipe, *args.overrides]
     if args.finalize:
-        from trainer.zoo import resolve
+        from trainer.models.zoo import resolve
 
         model_dir = resolve(recipe.teacher)
         out = Path(recipe.output.out_dir)

@@ -1,4 +1,4 @@
-"""Corpus -> memory-mapped token shards (layout in trainer/indexed.py).
+"""Corpus -> memory-mapped token shards (layout in trainer/data/indexed.py).
 
 Streams: documents are read piece by piece, tokenized in a bounded window of batches (in N worker
 processes with `workers=N`), packed into `[CLS] ... [SEP]` sequences and written shard by shard, so
@@ -21,11 +21,11 @@ from typing import Literal
 
 import numpy as np
 
+from trainer.data.indexed import FORMAT_NAME, MANIFEST, TOKENIZER_FILE, ShardWriter, shard_stem, token_dtype
+from trainer.data.text_sources import SourceSpec, SourceStats, input_bytes, iter_pieces
+from trainer.data.tokenization import load_tokenizer, resolve_tokenizer_path, special_ids, tokenizer_hash
 from trainer.errors import UserError
 from trainer.fileio import atomic_write_bytes, atomic_write_json, read_json, remove_stale_tmp, sha256_file
-from trainer.indexed import FORMAT_NAME, MANIFEST, TOKENIZER_FILE, ShardWriter, shard_stem, token_dtype
-from trainer.text_sources import SourceSpec, SourceStats, input_bytes, iter_pieces
-from trainer.tokenization import load_tokenizer, resolve_tokenizer_path, special_ids, tokenizer_hash
 
 Packing = Literal["strict", "merge"]
 

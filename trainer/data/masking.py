@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trainer.tokenization import SpecialIds
+from trainer.data.tokenization import SpecialIds
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.data.indexed import MANIFEST, TokenShards
+from trainer.data.masking import MaskSpec, mlm_batch
 from trainer.errors import UserError
-from trainer.indexed import MANIFEST, TokenShards
 from trainer.launcher import DistEnv, all_reduce_sum
-from trainer.masking import MaskSpec, mlm_batch
 
 
 @torch.no_grad()
@@ -61,8 +61,8 @@ def _model_dir(path: Path) -> Path:
 def _corpus(data: list[str], model_dir: Path, seq_len: int, workdir: Path) -> TokenShards:
     if len(data) == 1 and (Path(data[0]) / MANIFEST).is_file():
         return TokenShards(data[0])
-    from trainer.preprocess import PackOptions, preprocess
-    from trainer.text_sources import SourceSpec
+    from trainer.data.preprocess import PackOptions, preprocess
+    from trainer.data.text_sources import SourceSpec
 
     files = [Path(p) for p in data]
     wikitext = any("wiki" in p.name and ".tokens" in p.name for p in files)
@@ -74,8 +74,8 @@ def _corpus(data: list[str], model_dir: Path, seq_len: int, workdir: Path) -> To
 def main(args: argparse.Namespace) -> int:
     from transformers import BertForMaskedLM
 
-    from trainer.mlm import SparseMLM
-    from trainer.tokenization import load_tokenizer, special_ids, tokenizer_hash
+    from trainer.data.tokenization import load_tokenizer, special_ids, tokenizer_hash
+    from trainer.models.mlm import SparseMLM
 
     model_dir = _model_dir(Path(args.model))
     tok = load_tokenizer(model_dir)

@@ -16,17 +16,17 @@ from pathlib import Path
 import torch
 
 from trainer import checkpoint, preemption
-from trainer.classify import BucketedOrder, Classifier, collate, encode, load_classifier, predict
 from trainer.config import dump_yaml, save_config
+from trainer.data.task_metrics import compute_metrics, primary_metric
+from trainer.data.tasks import TaskSpec, load_split, resolve_task
+from trainer.data.tokenization import hf_tokenizer, load_tokenizer, special_ids
 from trainer.engine import initialize
 from trainer.errors import TrainingStopped
 from trainer.launcher import DistEnv
 from trainer.loop import RunState, agree, every, log0, optimizer_step, run_stage, stop_reason
-from trainer.metrics import RunLogger, memory_mb
+from trainer.models.classify import BucketedOrder, Classifier, collate, encode, load_classifier, predict
 from trainer.recipe import DebugSection, EngineSection, ModelSection, RunSection, TrainSection
-from trainer.task_metrics import compute_metrics, primary_metric
-from trainer.tasks import TaskSpec, load_split, resolve_task
-from trainer.tokenization import hf_tokenizer, load_tokenizer, special_ids
+from trainer.runlog import RunLogger, memory_mb
 
 
 @dataclass
@@ -58,7 +58,7 @@ def main(recipe_path: str, overrides: list[str]) -> int:
 
 def tokenizer_for(model_name: str):
     """The tokenizer stored with the initial model, else the default uncased BERT vocab."""
-    from trainer.zoo import resolve
+    from trainer.models.zoo import resolve
 
     spec = resolve(model_name)
     if isinstance(spec, Path) and (spec / "tokenizer.json").is_file():

@@ -16,9 +16,9 @@ from torch import nn
 from transformers import BertForSequenceClassification
 
 from kernels.patch import fuse_bert
+from trainer.data.sampling import BatchOrder, Cursor, Permutation
 from trainer.launcher import DistEnv
-from trainer.sampling import BatchOrder, Cursor, Permutation
-from trainer.zoo import bert_config, resolve
+from trainer.models.zoo import bert_config, resolve
 
 
 # ---------------------------------------------------------------------------------------------- encoding

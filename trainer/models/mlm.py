@@ -14,8 +14,8 @@ from torch import nn
 from transformers import BertConfig, BertForMaskedLM
 
 from kernels.patch import fuse_bert
-from trainer.losses import mlm_loss_sum
-from trainer.zoo import bert_config, resolve
+from trainer.models.losses import mlm_loss_sum
+from trainer.models.zoo import bert_config, resolve
 
 
 def build_mlm(name: str, vocab_size: int, dropout: float | None = None, max_position: int = 512,

@@ -31,7 +31,7 @@ TaskFormat = Literal["glue_tsv", "tsv", "csv", "jsonl", "datasets"]
 LOCAL_BUILDERS = ("json", "csv", "parquet")
 # Our split names -> `datasets` split names unless hf_split_map says otherwise (hub convention).
 DEFAULT_HF_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Reasons a row can be rejected (keys of LoadedSplit.skipped_reasons).
 MISSING_COLUMN = "missing column"

@@ -57,9 +57,9 @@ from typing import Literal
 
 import numpy as np
 
+from trainer.data.sampling import Cursor, Permutation
 from trainer.errors import UserError
 from trainer.fileio import TMP_SUFFIX, atomic_open, atomic_write_json, read_json, sha256_file
-from trainer.sampling import Cursor, Permutation
 
 Kind = Literal["classification", "mlm"]
 KINDS = ("classification", "mlm")

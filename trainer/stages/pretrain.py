@@ -18,18 +18,18 @@ import torch
 
 from trainer import checkpoint, preemption
 from trainer.config import dump_yaml, save_config
+from trainer.data.indexed import TokenShards
+from trainer.data.masking import MaskSpec, mlm_batch
+from trainer.data.sampling import BatchOrder
+from trainer.data.tokenization import hf_tokenizer, special_ids
 from trainer.engine import initialize, precision
 from trainer.errors import TrainingStopped, UserError
-from trainer.evaluate_mlm import evaluate_mlm
-from trainer.indexed import TokenShards
 from trainer.launcher import DistEnv
 from trainer.loop import RunState, agree, every, log0, optimizer_step, run_stage, stop_reason
-from trainer.masking import MaskSpec, mlm_batch
-from trainer.metrics import RunLogger, memory_mb, peak_flops, transformer_flops
-from trainer.mlm import SparseMLM, build_mlm
+from trainer.models.mlm import SparseMLM, build_mlm
 from trainer.recipe import DebugSection, EngineSection, ModelSection, RunSection, TrainSection
-from trainer.sampling import BatchOrder
-from trainer.tokenization import hf_tokenizer, special_ids
+from trainer.runlog import RunLogger, memory_mb, peak_flops, transformer_flops
+from trainer.stages.evaluate_mlm import evaluate_mlm
 
 
 @dataclass
