@@ -5,6 +5,7 @@ Everything is a stock `transformers` BERT, so every checkpoint we write loads wi
 
 from __future__ import annotations
 
+import argparse
 import importlib.resources
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +134,15 @@ def grid_rows(vocab_size: int = DEFAULT_VOCAB_SIZE) -> list[dict[str, object]]:
             "hidden": preset.hidden, "heads": preset.heads, "ffn": preset.ffn, **counts,
         })
     return rows
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
+
+
+def main(args: argparse.Namespace) -> int:
+    print(format_grid(args.vocab_size))
+    return 0
 
 
 def format_grid(vocab_size: int = DEFAULT_VOCAB_SIZE) -> str:

@@ -15,6 +15,17 @@ from trainer.fileio import atomic_write_json
 from trainer.launcher import init_distributed, shutdown
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="exported HF directory of a fine-tuned model")
+    p.add_argument("--task", required=True, help="task name (sst2, rte, mrpc, cola, imdb) or a task YAML file")
+    p.add_argument("--split", default="dev")
+    p.add_argument("--data-root", default=None,
+                   help="root of the task data (default: $WELLREAD_DATA or ../shared/data)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-seq-len", type=int, default=128)
+    p.add_argument("--out", default=None, help="metrics JSON path (default: MODEL/metrics-TASK-SPLIT.json)")
+
+
 def main(args: argparse.Namespace) -> int:
     from transformers import BertForSequenceClassification
 

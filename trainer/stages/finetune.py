@@ -8,6 +8,7 @@ final one in `OUT/export`.
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from trainer import checkpoint, preemption
+from trainer.cli import add_recipe_arguments
 from trainer.config import dump_yaml, save_config
 from trainer.data.task_metrics import compute_metrics, primary_metric
 from trainer.data.tasks import TaskSpec, load_split, resolve_task
@@ -52,8 +54,12 @@ class FinetuneRecipe:
     debug: DebugSection = field(default_factory=DebugSection)
 
 
-def main(recipe_path: str, overrides: list[str]) -> int:
-    return run_stage(FinetuneRecipe, finetune, recipe_path, overrides)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_recipe_arguments(p)
+
+
+def main(args: argparse.Namespace) -> int:
+    return run_stage(FinetuneRecipe, finetune, args.recipe, args.overrides)
 
 
 def tokenizer_for(model_name: str):

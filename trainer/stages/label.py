@@ -25,6 +25,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from trainer.cli import add_recipe_arguments
 from trainer.config import dump_yaml, load_config, to_dict
 from trainer.data.softlabels import MANIFEST, SoftLabelWriter, finalize, finished_parts, make_writer_id
 from trainer.data.tokenization import load_tokenizer, special_ids, tokenizer_hash
@@ -308,6 +309,15 @@ def _progress(total: int, env: DistEnv):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="ex", desc="label", file=sys.stderr, mininterval=1.0)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_recipe_arguments(p)
+    p.add_argument("--shard-index", type=int, default=None,
+                   help="this job's share of the transfer set (default: position in the Slurm array, or 0)")
+    p.add_argument("--num-shards", type=int, default=None,
+                   help="number of independent jobs (default: $SLURM_ARRAY_TASK_COUNT or 1)")
+    p.add_argument("--finalize", action="store_true", help="only verify every shard and write the manifest")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ the global batch, whatever the number of ranks or accumulation steps.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Literal
 import torch
 
 from trainer import checkpoint, preemption
+from trainer.cli import add_recipe_arguments
 from trainer.config import dump_yaml, save_config
 from trainer.data.indexed import TokenShards
 from trainer.data.masking import MaskSpec, mlm_batch
@@ -60,8 +62,12 @@ class PretrainRecipe:
     debug: DebugSection = field(default_factory=DebugSection)
 
 
-def main(recipe_path: str, overrides: list[str]) -> int:
-    return run_stage(PretrainRecipe, pretrain, recipe_path, overrides)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_recipe_arguments(p)
+
+
+def main(args: argparse.Namespace) -> int:
+    return run_stage(PretrainRecipe, pretrain, args.recipe, args.overrides)
 
 
 def pretrain(recipe: PretrainRecipe, env: DistEnv, where: str = "recipe") -> int:
