@@ -166,3 +166,48 @@ def test_primary_metric():
         reported = compute_metrics(task, [1, 0, 1], [1, 0, 0])
         assert PRIMARY_METRIC[task] in reported  # the best-checkpoint metric is always reported
         assert primary_metric(task) == PRIMARY_METRIC[task]
+
+
+def test_metrics_match_sklearn_and_scipy_on_random_inputs():
+    """task_metrics is hand-written (numpy only, so evaluation needs neither library): cross-check both.
+
+    Random binary and multi-class predictions (skewed, one-class, tiny and large samples) and continuous
+    and heavily tied regression values; the only intended difference is 0.0 instead of NaN where a
+    correlation is undefined (constant input).
+    """
+    import warnings
+
+    from scipy import stats
+    from sklearn import metrics as skm
+
+    rng = np.random.default_rng(20)
+    for case in range(300):
+        n = int(rng.choice([1, 2, 3, 7, 50, 1000]))
+        k = int(rng.choice([2, 2, 3, 5]))
+        skew = rng.dirichlet(np.ones(k) * rng.choice([0.2, 1.0, 5.0]))
+        y = rng.choice(k, size=n, p=skew)
+        p = np.where(rng.random(n) < rng.random(), y, rng.choice(k, size=n, p=skew))
+        where = f"case {case}: n={n} k={k}"
+        assert accuracy(p, y) == pytest.approx(skm.accuracy_score(y, p), abs=1e-12), where
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # sklearn warns (and returns 0.0) where F1 / MCC are undefined
+            assert matthews_corrcoef(p, y) == pytest.approx(skm.matthews_corrcoef(y, p), abs=1e-12), where
+            if k == 2:
+                expected = skm.f1_score(y, p, pos_label=1, average="binary", zero_division=0.0)
+                assert f1(p, y) == pytest.approx(expected, abs=1e-12), where
+    for case in range(300):
+        n = int(rng.choice([2, 3, 10, 200]))
+        if case % 3 == 0:  # ties: a few distinct values
+            x, y = rng.integers(0, 4, n).astype(float), rng.integers(0, 3, n).astype(float)
+        else:
+            x = rng.normal(size=n) * 10.0 ** rng.integers(-3, 4)
+            y = 0.5 * x + rng.normal(size=n)
+        if case % 50 == 1:
+            x[:] = 2.5  # constant: undefined correlation
+        where = f"case {case}: n={n}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # scipy warns (ConstantInputWarning) and returns NaN
+            r, rho = stats.pearsonr(x, y).statistic, stats.spearmanr(x, y).statistic
+        assert pearson(x, y) == pytest.approx(0.0 if np.isnan(r) else r, abs=1e-10), where
+        assert spearman(x, y) == pytest.approx(0.0 if np.isnan(rho) else rho, abs=1e-10), where
+        np.testing.assert_array_equal(rankdata(x), stats.rankdata(x, method="average"))
