@@ -201,7 +201,11 @@ def test_resume_reads_no_data_before_the_cursor(tmp_path, recipe, monkeypatch):
     import trainer.data.indexed as indexed
     from trainer.config import load_config
     from trainer.launcher import init_distributed, shutdown
-    from trainer.stages.pretrain import PretrainRecipe, pretrain
+    from trainer.loop import Trainer
+    from trainer.stages.pretrain import Pretrain, PretrainRecipe
+
+    def pretrain(recipe, env):
+        return Trainer(Pretrain(recipe), env).fit()
 
     env = init_distributed()
     try:

@@ -1,9 +1,18 @@
-"""Pieces every training loop shares: the optimizer step over micro-batches, the per-step agreement
-between ranks, and the run state that checkpoints carry. Each stage keeps its own short loop.
+"""The one training loop (`Trainer`) and the contract a stage fulfils (`Stage`).
 
-Loss scaling: models return the *sum* of per-example (or per-token) losses. Each micro-batch's sum is
-multiplied by ranks x accumulation / (global count), so after DeepSpeed averages over accumulation
-steps and ranks the gradient is that of the mean over the whole global batch, for any world size.
+    Trainer(stage, env)          build the model, the batch order and the engine; resume; open the log
+      .fit()                     for each optimizer step, in this order:
+         batch                     this rank's items at the cursor -> the stage's micro-batches
+         agree                     one all-reduce: global loss denominator, pre-emption, time budget
+         step                      forward/backward every micro-batch, one optimizer step
+         record, log               cursor, counters, non-finite streak; scalars to console/TensorBoard
+         evaluate, save            periodic (and at each epoch end if the stage asks), always in this order
+      finish                     evaluate, save, export; the logger is closed on every exit path
+
+Loss scaling: a stage's model returns the *sum* of per-example (or per-token) losses. Each micro-batch's
+sum is multiplied by ranks x accumulation / (global count), so after DeepSpeed averages over
+accumulation steps and ranks the gradient is that of the mean over the whole global batch, for any
+world size.
 """
 
 from __future__ import annotations
@@ -12,18 +21,92 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 
-from trainer import checkpoint, preemption
-from trainer.config import load_config
+from trainer import preemption
+from trainer.checkpoint import Checkpointer, tag_for
+from trainer.config import dump_yaml, load_config, save_config
 from trainer.data.sampling import Cursor
-from trainer.engine import BatchPlan, grad_norm
+from trainer.engine import BatchPlan, grad_norm, initialize
 from trainer.errors import TrainingStopped
 from trainer.launcher import DistEnv, all_reduce_sum, init_distributed, shutdown
+from trainer.runlog import RunLogger, memory_mb
+
+# ---------------------------------------------------------------------------------------------- contract
 
 
+class Order(Protocol):
+    """A batch order (trainer.data.sampling): which items this rank sees at a cursor, O(1) to resume."""
+
+    batches_per_epoch: int
+
+    def rank_items(self, cursor: Any) -> np.ndarray: ...
+
+    def advance(self, cursor: Any) -> Any: ...
+
+
+class Stage:
+    """What a training stage states; the Trainer does everything else.
+
+    A stage sets `recipe` (with `train`, `engine`, `run`, `debug` sections) and implements `build`,
+    `micro_batches` and `count`; the other hooks have defaults.
+    """
+
+    name = "stage"
+    recipe: Any
+    eval_each_epoch = False  # also evaluate when an epoch ends (fine-tuning keeps its best model)
+
+    # -- building
+    def build(self, env: DistEnv, where: str) -> torch.nn.Module:
+        """The module the engine trains: forward(**micro_batch) -> (summed loss, {stat: summed value}).
+        Stats must include "tokens" (non-padding tokens). Sets `self.hf` (the exported model) and
+        `self.tokenizer` (a `tokenizers.Tokenizer`)."""
+        raise NotImplementedError
+
+    def make_order(self, global_batch: int, env: DistEnv) -> Order:
+        raise NotImplementedError
+
+    def checkpoint_files(self) -> dict[str, str]:
+        """Text files saved in every checkpoint so it can seed a later stage."""
+        return {"config.json": self.hf.config.to_json_string(), "tokenizer.json": self.tokenizer.to_str()}
+
+    # -- each step
+    def micro_batches(self, items: np.ndarray, epoch: int, accumulation: int) -> list[dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def count(self, micro: list[dict[str, torch.Tensor]]) -> float:
+        """This rank's share of the loss denominator (examples, masked tokens, ...)."""
+        raise NotImplementedError
+
+    def step_scalars(self, sums: dict[str, float], count: float) -> dict[str, float]:
+        """Stage-specific per-step scalars from the rank-summed stats (accuracy, loss terms...)."""
+        return {}
+
+    def rate_scalars(self, trainer: Trainer, dt: float) -> dict[str, float]:
+        """Extra throughput scalars at log intervals (e.g. MFU)."""
+        return {}
+
+    # -- evaluation and output
+    def evaluate(self, trainer: Trainer) -> dict[str, float] | None:
+        """Metrics to log under eval/ (None: nothing to evaluate)."""
+        return None
+
+    def export_info(self, trainer: Trainer, final_metrics: dict[str, float] | None) -> dict[str, Any]:
+        """wellread.json of the final export."""
+        return {"stage": self.name, "step": trainer.state.step}
+
+    def hf_tokenizer(self):
+        """The tokenizer saved with exports (transformers' fast tokenizer)."""
+        raise NotImplementedError
+
+    def finished(self, trainer: Trainer, final_metrics: dict[str, float] | None) -> None:
+        """Called once on rank 0's console after the final export."""
+
+
+# ---------------------------------------------------------------------------------------------- one step
 @dataclass
 class Agreement:
     count: float  # examples or tokens the loss is averaged over, summed over ranks
@@ -62,6 +145,7 @@ def optimizer_step(engine, micro_batches: list[dict[str, torch.Tensor]], plan: B
         if k == len(micro_batches) - 1:
             norm = grad_norm(engine)
         engine.step()
+        stats = {"examples": batch["input_ids"].shape[0], **stats}
         for name, value in {"loss": loss_sum.detach(), **stats}.items():
             sums[name] = sums.get(name, 0.0) + float(value)
     names = sorted(sums)
@@ -72,48 +156,170 @@ def optimizer_step(engine, micro_batches: list[dict[str, torch.Tensor]], plan: B
     return StepResult(sums, norm, lr, engine.skipped_steps > skipped_before)
 
 
+# ---------------------------------------------------------------------------------------------- run state
 @dataclass
 class RunState:
-    """What a checkpoint carries besides DeepSpeed's state (rank-specific parts go per rank)."""
+    """What a checkpoint carries besides DeepSpeed's state (the cursor and RNG go per rank)."""
 
     step: int = 0
     cursor: Cursor = field(default_factory=Cursor)
     tokens_seen: int = 0
+    examples_seen: int = 0
     nonfinite_streak: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # stage-specific (e.g. best eval score)
 
-    def save(self, engine, root: Path, env: DistEnv, keep: int, pause: float = 0.0,
-             files: dict[str, str] | None = None) -> Path:
-        client = {"tokens_seen": self.tokens_seen, "nonfinite_streak": self.nonfinite_streak, "extra": self.extra}
-        return checkpoint.save(engine, root, self.step, env, {"cursor": asdict(self.cursor)}, client, keep, pause,
-                               files)
+    def client(self) -> dict[str, Any]:
+        return {"tokens_seen": self.tokens_seen, "examples_seen": self.examples_seen,
+                "nonfinite_streak": self.nonfinite_streak, "extra": self.extra}
 
-    def record(self, order, result: StepResult, count: float) -> float:
-        """Book a finished optimizer step (step, cursor, tokens, non-finite streak); -> its mean loss."""
+    @classmethod
+    def restore(cls, client: dict[str, Any], rank_state: dict[str, Any]) -> RunState:
+        return cls(client["step"], Cursor(**rank_state["cursor"]), client.get("tokens_seen", 0),
+                   client.get("examples_seen", 0), client.get("nonfinite_streak", 0), client.get("extra", {}))
+
+    def record(self, order: Order, result: StepResult, count: float) -> float:
+        """Book a finished optimizer step (step, cursor, counters, non-finite streak); -> its mean loss."""
         self.step += 1
         self.cursor = order.advance(self.cursor)
         self.tokens_seen += int(result.sums["tokens"])
+        self.examples_seen += int(result.sums.get("examples", 0))
         loss = result.sums["loss"] / count
         self.nonfinite_streak = self.nonfinite_streak + 1 if result.skipped or not math.isfinite(loss) else 0
         return loss
 
-    def check_finite(self, env: DistEnv, limit: int) -> None:
-        """Log a skipped update; stop the run after `limit` in a row (the last checkpoint stays intact)."""
-        if not self.nonfinite_streak:
-            return
-        log0(env, f"step {self.step}: non-finite loss or gradient, update skipped ({self.nonfinite_streak} in a row)")
-        if self.nonfinite_streak >= limit:
-            raise TrainingStopped(f"{self.nonfinite_streak} non-finite steps in a row (last at step {self.step}); "
-                                  "lower train.lr or check the data; the last checkpoint is intact")
 
-    @classmethod
-    def resume(cls, engine, root: Path, env: DistEnv) -> RunState | None:
-        restored = checkpoint.load(engine, root, env)
+# ---------------------------------------------------------------------------------------------- the loop
+class Trainer:
+    """The one training loop: every stage's resume, steps, budget, signals, logging, evaluation and saving."""
+
+    def __init__(self, stage: Stage, env: DistEnv, where: str = "recipe"):
+        from trainer.engine import configure_kernels
+
+        self.stage, self.env = stage, env
+        recipe = stage.recipe
+        self.train, self.run, self.debug = recipe.train, recipe.run, recipe.debug
+        configure_kernels(recipe.engine)
+        torch.manual_seed(self.train.seed)  # identical initial weights on every rank
+        model = stage.build(env, where)
+        self.order = stage.make_order(self.train.global_batch, env)
+        if self.train.epochs is not None:
+            self.train.steps = max(1, math.ceil(self.train.epochs * self.order.batches_per_epoch))
+        self.engine, self.ds_cfg, self.plan = initialize(model, self.train, recipe.engine.ds_config,
+                                                         env.world_size, where)
+        torch.manual_seed(self.train.seed * 1000 + env.rank)  # per-rank dropout streams
+        self.out = Path(self.run.out_dir)
+        self.checkpointer = Checkpointer(self.out / "checkpoints", env, self.run.ckpt_every,
+                                         self.run.keep_checkpoints, self.debug.checkpoint_sleep,
+                                         stage.checkpoint_files())
+        self.state = self._resume() if self.run.resume == "auto" else None
+        self.state = self.state or RunState(extra=getattr(stage, "initial_extra", lambda: {})())
+        self.log(f"{stage.name}: {env.world_size} rank(s) via {env.launcher}, ZeRO stage "
+                 f"{self.engine.zero_optimization_stage()}, micro batch {self.plan.micro_batch} x accumulation "
+                 f"{self.plan.accumulation} x ranks = {self.plan.global_batch}; {self.train.steps} steps "
+                 f"({self.order.batches_per_epoch} per epoch)")
+        if env.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(recipe, self.out / "config.yaml")
+        self.logger = RunLogger(self.out, env.is_main, self.train.steps, self.state.step, self.run.tensorboard,
+                                self.run.log_every)
+        self.logger.text("config", dump_yaml(recipe))
+
+    def _resume(self) -> RunState | None:
+        restored = self.checkpointer.resume(self.engine)
         if restored is None:
             return None
-        client, rank_state = restored
-        return cls(client["step"], Cursor(**rank_state["cursor"]), client.get("tokens_seen", 0),
-                   client.get("nonfinite_streak", 0), client.get("extra", {}))
+        state = RunState.restore(*restored)
+        self.log(f"resumed from {self.checkpointer.root / tag_for(state.step)} at step {state.step} "
+                 f"(epoch {state.cursor.epoch}, batch {state.cursor.batch})")
+        return state
+
+    def log(self, msg: str) -> None:
+        log0(self.env, msg)
+
+    # -- the loop
+    def fit(self) -> int:
+        """Train to `train.steps`, the time budget, or a pre-emption signal; -> exit code."""
+        try:
+            return self._fit()
+        finally:
+            self.logger.close()
+
+    def _fit(self) -> int:
+        preemption.install()
+        train, state = self.train, self.state
+        t_start = time.time()
+        self._rate_mark = (time.time(), state.step, state.tokens_seen, state.examples_seen)
+        while state.step < train.steps:
+            items = self.order.rank_items(state.cursor)
+            micro = self.stage.micro_batches(items, state.cursor.epoch, self.plan.accumulation)
+            agreed = agree(self.stage.count(micro), t_start, train.max_minutes)
+            stop = stop_reason(agreed, self.env, state.step, train.max_minutes)
+            if stop == "signal":
+                self.save(force=True)
+                return preemption.EXIT_RESUMABLE
+            if stop:
+                break
+            epoch_before = state.cursor.epoch
+            result = optimizer_step(self.engine, micro, self.plan, agreed.count,
+                                    state.step + 1 in self.debug.nan_at_steps)
+            loss = state.record(self.order, result, agreed.count)
+            self._log_step(loss, result, agreed.count)
+            self._check_finite()
+            if self.debug.step_sleep:
+                time.sleep(self.debug.step_sleep)
+            if state.step < train.steps:
+                epoch_end = self.stage.eval_each_epoch and state.cursor.epoch != epoch_before
+                if epoch_end or every(self.run.eval_every, state.step):
+                    self.evaluate()
+                self.save()
+        final = self.evaluate()
+        self.save(last_step=True)
+        info = self.stage.export_info(self, final)
+        export = self.checkpointer.export(self.engine, self.stage.hf, self.stage.hf_tokenizer(), self.out / "export",
+                                          info)
+        self.log(f"exported Hugging Face model to {export}")
+        self.stage.finished(self, final)
+        return 0
+
+    # -- what the loop calls
+    def save(self, last_step: bool = False, force: bool = False) -> None:
+        state = self.state
+        path = self.checkpointer.save(self.engine, state.step, state.client(), {"cursor": asdict(state.cursor)},
+                                      last_step=last_step, force=force)
+        if path is not None:
+            self.log(f"checkpoint saved: {path}")
+
+    def evaluate(self) -> dict[str, float] | None:
+        metrics = self.stage.evaluate(self)
+        if metrics is not None:
+            self.logger.log(self.state.step, metrics, prefix=getattr(self.stage, "eval_prefix", "eval"))
+        return metrics
+
+    def _log_step(self, loss: float, result: StepResult, count: float) -> None:
+        state = self.state
+        scalars = {"loss": loss, **self.stage.step_scalars(result.sums, count), "lr": result.lr,
+                   "grad_norm": result.grad_norm, "skipped": float(result.skipped),
+                   "epoch": state.cursor.epoch + state.cursor.batch / self.order.batches_per_epoch}
+        if state.step % self.run.log_every == 0 or state.step == self.train.steps:
+            t, step, tokens, examples = self._rate_mark
+            dt = max(time.time() - t, 1e-9)
+            scalars.update({"tokens_per_s": (state.tokens_seen - tokens) / dt,
+                            "examples_per_s": (state.examples_seen - examples) / dt,
+                            "steps_per_s": (state.step - step) / dt, "tokens_seen": state.tokens_seen,
+                            "examples_seen": state.examples_seen,
+                            **self.stage.rate_scalars(self, dt), **memory_mb(self.engine.device)})
+            self._rate_mark = (time.time(), state.step, state.tokens_seen, state.examples_seen)
+        self.logger.log(state.step, scalars)
+
+    def _check_finite(self) -> None:
+        """Log a skipped update; stop the run after `limit` in a row (the last checkpoint stays intact)."""
+        state, limit = self.state, self.train.max_nonfinite_in_a_row
+        if not state.nonfinite_streak:
+            return
+        self.log(f"step {state.step}: non-finite loss or gradient, update skipped ({state.nonfinite_streak} in a row)")
+        if state.nonfinite_streak >= limit:
+            raise TrainingStopped(f"{state.nonfinite_streak} non-finite steps in a row (last at step {state.step}); "
+                                  "lower train.lr or check the data; the last checkpoint is intact")
 
 
 def stop_reason(agreed: Agreement, env: DistEnv, step: int, max_minutes: float | None) -> str | None:
@@ -127,12 +333,12 @@ def stop_reason(agreed: Agreement, env: DistEnv, step: int, max_minutes: float |
     return None
 
 
-def run_stage(recipe_cls: type, stage, recipe_path: str, overrides: list[str]) -> int:
-    """CLI entry of a training stage: parse the recipe, join the process group, run, leave the group."""
+def run_stage(recipe_cls: type, stage_cls: type[Stage], recipe_path: str, overrides: list[str]) -> int:
+    """CLI entry of a training stage: parse the recipe, join the process group, train, leave the group."""
     recipe = load_config(recipe_cls, recipe_path, overrides)
     env = init_distributed()
     try:
-        return stage(recipe, env, where=str(recipe_path))
+        return Trainer(stage_cls(recipe), env, where=str(recipe_path)).fit()
     finally:
         shutdown()
 
@@ -144,7 +350,5 @@ def log0(env: DistEnv, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def every(n: int, step: int, last: int) -> bool:
-    """Periodic actions: at multiples of n, but not at the last step (which always saves/evaluates)."""
-    return bool(n) and step % n == 0 and step < last
-
+def every(n: int, step: int) -> bool:
+    return bool(n) and step % n == 0
