@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from trainer.data.masking import MaskSpec, mask_one, mlm_batch
-from trainer.data.sampling import BatchOrder, Cursor, Permutation
+from trainer.data.sampling import BatchOrder, Cursor, Permutation, StoreSampler
 from trainer.data.tokenization import SpecialIds
 from trainer.errors import UserError
 
@@ -95,3 +97,73 @@ def test_cursor_jumps_without_replay():
 def test_too_small_dataset_is_a_clear_error():
     with pytest.raises(UserError, match="fewer than one global batch"):
         BatchOrder(10, 32, 0, 1, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------- partial last batch
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_sampler_covers_every_example_once_per_epoch(world):
+    n, g = 1001, 64
+    samplers = [StoreSampler(n, g, r, world, seed=5) for r in range(world)]
+    assert samplers[0].batches_per_epoch == 16
+    epochs = []
+    cursor = Cursor()
+    for epoch in range(2):
+        seen = []
+        for b in range(16):
+            assert cursor == Cursor(epoch, b)
+            parts = [s.rank_items(cursor) for s in samplers]
+            sizes = [len(p) for p in parts]
+            assert sum(sizes) == (64 if b < 15 else 1001 - 15 * 64) and max(sizes) - min(sizes) <= 1
+            assert (np.concatenate(parts) == samplers[0].global_items(cursor)).all()
+            seen += parts
+            cursor = samplers[0].advance(cursor)
+        order = np.concatenate(seen)
+        assert np.array_equal(np.sort(order), np.arange(n)), "each example exactly once per epoch"
+        epochs.append(order)
+    assert cursor == Cursor(2, 0)
+    assert not np.array_equal(epochs[0], epochs[1]), "each epoch has its own shuffle"
+    again = StoreSampler(n, g, 0, 1, seed=5)
+    assert np.array_equal(np.concatenate([again.rank_items(Cursor(0, b)) for b in range(16)]), epochs[0])
+
+
+def test_sampler_tells_a_rank_it_has_nothing():
+    samplers = [StoreSampler(65, 64, r, 3, seed=0) for r in range(3)]
+    last = Cursor(0, 1)
+    parts = [s.rank_items(last) for s in samplers]
+    assert [len(p) for p in parts] == [0, 0, 1] and parts[0].dtype == np.int64
+    assert samplers[0].global_batch_size(last) == 1
+    with pytest.raises(UserError, match="outside the 2 global batches .* other data or another batch size"):
+        samplers[0].rank_items(Cursor(0, 2))
+
+
+def test_sampler_resumes_mid_epoch_from_a_cursor():
+    def run(sampler: StoreSampler, cursor: Cursor, steps: int) -> tuple[list[np.ndarray], Cursor]:
+        out = []
+        for _ in range(steps):
+            out.append(sampler.rank_items(cursor))
+            cursor = sampler.advance(cursor)
+        return out, cursor
+
+    full, _ = run(StoreSampler(1001, 64, 1, 3, seed=9), Cursor(), 40)  # crosses two epoch ends
+    first, cursor = run(StoreSampler(1001, 64, 1, 3, seed=9), Cursor(), 11)
+    saved = json.loads(json.dumps(cursor.to_dict()))
+    rest, _ = run(StoreSampler(1001, 64, 1, 3, seed=9), Cursor(**saved), 29)
+    assert all(np.array_equal(a, b) for a, b in zip(full, first + rest))
+
+
+def test_partial_mode_agrees_with_drop_mode_on_full_batches():
+    """One family: with partial_last the full batches are the drop-mode batches; only the tail is added."""
+    drop = BatchOrder(1000, 32, 1, 2, seed=4)
+    keep = BatchOrder(1000, 32, 1, 2, seed=4, partial_last=True)
+    assert (drop.batches_per_epoch, keep.batches_per_epoch) == (31, 32)
+    for b in range(31):
+        assert (drop.rank_items(Cursor(0, b)) == keep.rank_items(Cursor(0, b))).all()
+    tail = [BatchOrder(1000, 32, r, 2, seed=4, partial_last=True).rank_items(Cursor(0, 31)) for r in range(2)]
+    assert [len(t) for t in tail] == [4, 4]
+    seen = np.concatenate([keep.global_items(Cursor(0, b)) for b in range(32)])
+    assert np.array_equal(np.sort(seen), np.arange(1000))
+    assert BatchOrder(10, 32, 0, 3, seed=0, partial_last=True).batches_per_epoch == 1, "fewer items than a batch"
+    with pytest.raises(UserError, match="not divisible by 3 ranks"):
+        BatchOrder(1000, 32, 0, 3, seed=0)
+    with pytest.raises(UserError, match="outside the 31 global batches"):
+        drop.rank_items(Cursor(0, 31))

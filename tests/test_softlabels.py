@@ -2,18 +2,17 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import run_cli
 
-from trainer.data.sampling import Cursor
 from trainer.data.softlabels import (
     MANIFEST,
     SoftLabelStore,
     SoftLabelWriter,
-    StoreSampler,
     finalize,
     finished_parts,
     make_writer_id,
@@ -93,17 +92,19 @@ def test_classification_round_trip_is_bit_exact(tmp_path):
     store = SoftLabelStore(tmp_path / "s")
     assert len(store) == 301 and store.kind == "classification" and store.num_classes == C and store.has_gold
     assert manifest["totals"]["examples"] == 301 and manifest["totals"]["shards"] == 2 * 3  # 151/150 in parts of 64
-    assert manifest["dtypes"]["logits"] == "<f2" and manifest["header"] == HEADER
+    assert manifest["dtypes"] == {"ids": ["<u4"], "gold": ["|i1"], "logits": ["<f2"]} and manifest["header"] == HEADER
+    assert manifest["order"]["dtype"] == "<u4" and manifest["version"] == 2
     assert all(isinstance(store.shard(j)["logits"], np.memmap) for j in range(store.num_shards))
     for i in range(301):  # canonical order is example-id order, although rank 0 wrote evens, rank 1 odds
         ex = store.example(i)
-        assert int(ex["example_id"]) == i and int(ex["gold"]) == gold[i]
+        assert int(ex["example_id"]) == i and int(ex["gold"]) == gold[i] and ex["gold"].dtype == np.int8
         assert ex["logits"].dtype == np.float16 and (bits(ex["logits"]) == bits(logits[i])).all()
     idx = np.random.default_rng(1).permutation(301)[:50]
     b = store.batch(idx)
     assert b["logits"].dtype == np.float32 and b["logits"].shape == (50, C)
     assert (b["logits"] == logits[idx].astype(np.float32)).all()
     assert (b["example_ids"] == idx).all() and (b["gold"] == gold[idx]).all()
+    assert b["example_ids"].dtype == np.int64 and b["gold"].dtype == np.int64, "batches widen to int64"
     empty = store.batch(np.zeros(0, dtype=np.int64))
     assert empty["logits"].shape == (0, C) and empty["example_ids"].shape == (0,)
     with pytest.raises(IndexError):
@@ -121,7 +122,7 @@ def test_reader_keeps_few_files_open(tmp_path):
     assert store.num_shards == 38 and fds() - before <= 4 * 3 + 1
 
 
-@pytest.mark.parametrize("vocab,dtype", [(30522, np.uint16), (70000, np.int32)])
+@pytest.mark.parametrize("vocab,dtype", [(30522, np.uint16), (70000, np.uint32)])
 def test_mlm_round_trip_is_bit_exact(tmp_path, vocab, dtype):
     write_mlm(tmp_path / "s", 90, vocab)
     manifest = finalize(tmp_path / "s", HEADER, 90)
@@ -246,56 +247,114 @@ def test_finalize_refuses_duplicate_missing_and_foreign_ids(tmp_path):
         finalize(tmp_path / "mixed", HEADER, None)
 
 
-# ---------------------------------------------------------------------------------------------- sampling
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_sampler_covers_every_example_once_per_epoch(world):
-    n, g = 1001, 64
-    samplers = [StoreSampler(n, g, r, world, seed=5) for r in range(world)]
-    assert samplers[0].batches_per_epoch == 16
-    epochs = []
-    cursor = Cursor()
-    for epoch in range(2):
-        seen = []
-        for b in range(16):
-            assert cursor == Cursor(epoch, b)
-            parts = [s.rank_items(cursor) for s in samplers]
-            sizes = [len(p) for p in parts]
-            assert sum(sizes) == (64 if b < 15 else 1001 - 15 * 64) and max(sizes) - min(sizes) <= 1
-            assert (np.concatenate(parts) == samplers[0].global_items(cursor)).all()
-            seen += parts
-            cursor = samplers[0].advance(cursor)
-        order = np.concatenate(seen)
-        assert np.array_equal(np.sort(order), np.arange(n)), "each example exactly once per epoch"
-        epochs.append(order)
-    assert cursor == Cursor(2, 0)
-    assert not np.array_equal(epochs[0], epochs[1]), "each epoch has its own shuffle"
-    again = StoreSampler(n, g, 0, 1, seed=5)
-    assert np.array_equal(np.concatenate([again.rank_items(Cursor(0, b)) for b in range(16)]), epochs[0])
+# ---------------------------------------------------------------------------------------------- widths
+def data_bytes(directory: Path) -> dict[str, int]:
+    """Bytes of array data per role (file sizes minus the 32-byte binfile header of each file)."""
+    out: dict[str, int] = {}
+    for path in directory.glob("*.bin"):
+        role = path.name.split(".")[-2] if path.name.startswith("part-") else path.stem
+        out[role] = out.get(role, 0) + path.stat().st_size - 32
+    return out
 
 
-def test_sampler_tells_a_rank_it_has_nothing():
-    samplers = [StoreSampler(65, 64, r, 3, seed=0) for r in range(3)]
-    last = Cursor(0, 1)
-    parts = [s.rank_items(last) for s in samplers]
-    assert [len(p) for p in parts] == [0, 0, 1] and parts[0].dtype == np.int64
-    assert samplers[0].global_batch_size(last) == 1
-    with pytest.raises(UserError, match="another soft-label store or batch size"):
-        samplers[0].rank_items(Cursor(0, 2))
+def test_two_class_store_costs_at_most_16_bytes_per_example(tmp_path):
+    """2 fp16 logits (4 B) + uint32 id (4) + int8 gold (1) + uint32 order entry (4) = 13 B of data per example;
+    headers, sidecars and the manifest must fit in the remaining 3 B at the labeler's part size."""
+    n, c = 100_000, 2
+    rng = np.random.default_rng(0)
+    logits, gold = rng.normal(0, 2, size=(n, c)), rng.integers(-1, c, size=n)
+    with SoftLabelWriter(tmp_path, wid(0, 1), "classification", num_classes=c, part_examples=8192) as w:
+        for a in range(0, n, 2048):
+            w.add_classification(np.arange(a, min(a + 2048, n)), logits[a:a + 2048], gold[a:a + 2048])
+    manifest = finalize(tmp_path, HEADER, n)
+    assert data_bytes(tmp_path) == {"ids": 4 * n, "gold": n, "logits": 2 * c * n, "order": 4 * n}
+    total = sum(p.stat().st_size for p in tmp_path.iterdir() if p.is_file())
+    assert total / n <= 16, f"{total / n:.2f} bytes per example"
+    assert manifest["totals"]["bytes"] + (tmp_path / MANIFEST).stat().st_size + sum(
+        p.stat().st_size for p in tmp_path.glob("part-*.json")) == total
+    store = SoftLabelStore(tmp_path)
+    idx = rng.permutation(n)[:1000]
+    b = store.batch(idx)
+    assert (b["example_ids"] == idx).all() and (b["gold"] == gold[idx]).all()
+    assert (b["logits"] == logits[idx].astype(np.float16).astype(np.float32)).all()
 
 
-def test_sampler_resumes_mid_epoch_from_a_cursor():
-    def run(sampler: StoreSampler, cursor: Cursor, steps: int) -> tuple[list[np.ndarray], Cursor]:
-        out = []
-        for _ in range(steps):
-            out.append(sampler.rank_items(cursor))
-            cursor = sampler.advance(cursor)
-        return out, cursor
+def test_ids_beyond_uint32_widen_only_their_part(tmp_path):
+    """Example ids are uint32 unless a part holds one >= 2^32; that part alone is uint64, and reads back exactly."""
+    big = np.array([2**32 - 1, 2**32, 2**40 + 7], dtype=np.int64)
+    small = np.arange(5)
+    logits = np.zeros((8, C))
+    with SoftLabelWriter(tmp_path, wid(0), "classification", num_classes=C, part_examples=5) as w:
+        w.add_classification(small, logits[:5])
+    with SoftLabelWriter(tmp_path, wid(1), "classification", num_classes=C, part_examples=5) as w:
+        w.add_classification(big, logits[:3])
+    manifest = finalize(tmp_path, HEADER, None)
+    assert manifest["dtypes"]["ids"] == ["<u4", "<u8"]
+    assert [e["files"]["ids"]["dtype"] for e in manifest["shards"]] == ["<u4", "<u8"]
+    store = SoftLabelStore(tmp_path)
+    assert store.batch(np.arange(8))["example_ids"].tolist() == [*small.tolist(), *big.tolist()]
+    assert [int(store.example(i)["example_id"]) for i in range(5, 8)] == big.tolist()
 
-    full, _ = run(StoreSampler(1001, 64, 1, 3, seed=9), Cursor(), 40)  # crosses two epoch ends
-    first, cursor = run(StoreSampler(1001, 64, 1, 3, seed=9), Cursor(), 11)
-    saved = json.loads(json.dumps(cursor.to_dict()))
-    rest, _ = run(StoreSampler(1001, 64, 1, 3, seed=9), Cursor(**saved), 29)
-    assert all(np.array_equal(a, b) for a, b in zip(full, first + rest))
+
+@pytest.mark.parametrize("num_classes,dtype", [(2, "|i1"), (128, "|i1"), (129, "<i2"), (40_000, "<i4")])
+def test_gold_labels_take_the_narrowest_signed_type(tmp_path, num_classes, dtype):
+    gold = np.array([-1, 0, num_classes - 1])
+    with SoftLabelWriter(tmp_path, wid(0, 1), "classification", num_classes=num_classes) as w:
+        w.add_classification(np.arange(3), np.zeros((3, num_classes)), gold)
+    manifest = finalize(tmp_path, HEADER, 3)
+    assert manifest["dtypes"]["gold"] == [dtype]
+    assert SoftLabelStore(tmp_path).batch([0, 1, 2])["gold"].tolist() == gold.tolist()
+
+
+def test_older_format_versions_are_refused_by_name(tmp_path):
+    write_cls(tmp_path / "s")
+    manifest = json.loads((tmp_path / "s" / MANIFEST).read_text())
+    (tmp_path / "s" / MANIFEST).write_text(json.dumps({**manifest, "version": 1}))
+    with pytest.raises(UserError, match="soft-label store of format version 1, this wellread reads version 2; "
+                                        "re-run `wellread label`"):
+        SoftLabelStore(tmp_path / "s")
+    (tmp_path / "s" / MANIFEST).write_text(json.dumps(manifest))
+    victim = sorted((tmp_path / "s").glob("part-*-00000.ids.bin"))[0]
+    raw = bytearray(victim.read_bytes())
+    raw[8:12] = struct.pack("<I", 1)  # the header's version field
+    victim.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=rf"{victim.name}: soft-label shard .* format version 1, this wellread reads "
+                                        r"version 2"):
+        SoftLabelStore(tmp_path / "s", verify="size")
+
+    part = tmp_path / "resume"  # a writer resuming beside a version-1 part refuses rather than redoing it
+    with SoftLabelWriter(part, wid(0, 1), "classification", num_classes=C, part_examples=4) as w:
+        w.add_classification(np.arange(4), np.zeros((4, C)))
+    sidecar = part / f"part-{wid(0, 1)}-00000.json"
+    info = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({k: v for k, v in info.items() if k != "version"}))  # v1 wrote no version
+    with pytest.raises(UserError, match=f"{sidecar.name}: soft-label part of format version 1"):
+        SoftLabelWriter(part, wid(0, 1), "classification", num_classes=C, part_examples=4)
+    assert sidecar.exists()
+    with pytest.raises(UserError, match="format version 1"):
+        finalize(part, HEADER, 4)
+
+
+def test_corpus_shards_and_store_parts_share_one_header(tmp_path, tokenizer):
+    """Both formats are binfile records; each reader names the other's file as not its own."""
+    from trainer.data import binfile, indexed
+    from trainer.data.preprocess import PackOptions, preprocess
+    from trainer.data.softlabels.format import MAGIC, VERSION, read_role
+    from trainer.data.text_sources import SourceSpec
+
+    src = tmp_path / "doc.txt"
+    src.write_text("one short document.\n\nand another one here.\n")
+    preprocess(SourceSpec(files=[src], doc_mode="blank_line"), tmp_path / "c", None, PackOptions(seq_len=16),
+               progress=False)
+    tokens = binfile.read_array(tmp_path / "c" / "shard-00000.bin", indexed.MAGIC, indexed.VERSION, "corpus")
+    assert tokens.dtype == binfile.token_dtype(tokenizer.get_vocab_size())
+    write_cls(tmp_path / "s")
+    part = sorted((tmp_path / "s").glob("part-*.logits.bin"))[0]
+    assert binfile.HEADER.unpack(part.read_bytes()[:32])[:2] == (MAGIC, VERSION)
+    with pytest.raises(UserError, match="shard-00000.bin: not a soft-label shard x file"):
+        read_role(tmp_path / "c" / "shard-00000.bin", {"dtype": "<u2", "shape": [1]}, "x")
+    with pytest.raises(UserError, match="not a wellread corpus shard file"):
+        indexed.open_shard(part, tmp_path / "c" / "shard-00000.idx")
 
 
 # ---------------------------------------------------------------------------------------------- top-k KL

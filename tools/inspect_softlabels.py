@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Verify a soft-label store (layout: trainer/data/softlabels.py) and summarise what the teacher gave it.
+"""Verify a soft-label store (layout: trainer/data/softlabels/format.py) and summarise what the teacher gave it.
 
     python tools/inspect_softlabels.py runs/labels/sst2-bert-base [--json]
 

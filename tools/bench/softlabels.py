@@ -1,14 +1,15 @@
 #!/usr/bin/env python
-"""Soft-label store (trainer/data/softlabels.py): storage, reader throughput and labeling overhead, in one run.
+"""Soft-label store (trainer/data/softlabels/): storage, reader throughput and labeling overhead, in one run.
 
 1. Storage. Real stores written with SoftLabelWriter + finalize: classification (C classes, fp16
-   logits + int64 id + int64 gold) and MLM top-k for several k (fp16 log-probs + uint16 ids + the
-   uint16 input token), on synthetic but realistic data (top-k of log_softmax of N(0, 3^2) logits over
-   the 30,522-token vocabulary). Bytes = every file on disk (headers, sidecars, order.bin, manifest)
-   divided by examples (classification) or positions (MLM), versus dense fp32 logits (C*4 bytes per
-   example, vocab*4 bytes per position).
-2. Reader throughput. `SoftLabelStore.batch` in `StoreSampler` order (shuffled, global batch 32, one
-   rank), sampler included, versus the usual approach: `np.load` the same data from a dense `.npy`
+   logits + uint32 id + int8 gold + uint32 order entry) and MLM top-k for several k (fp16 log-probs +
+   uint16 ids + the uint16 input token), on synthetic but realistic data (top-k of log_softmax of
+   N(0, 3^2) logits over the 30,522-token vocabulary). Bytes = every file on disk (headers, sidecars,
+   order.bin, manifest) divided by examples (classification) or positions (MLM), versus dense fp32
+   logits (C*4 bytes per example, vocab*4 bytes per position). Classification target: <= 16 B/example.
+2. Reader throughput. `SoftLabelStore.batch` in `StoreSampler` order (trainer/data/sampling.py;
+   shuffled, global batch 32, one rank), sampler included, versus the usual approach: `np.load` the
+   same data from a dense `.npy`
    (classification: fp32 logits + int64 gold; MLM: the same top-k padded to [N, T, k] in the store's
    own dtypes), then index it with the same indices and produce the same int64/fp32 batch. Both read
    files this run just wrote (page cache). Compared with the student's consumption rate: examples/s of
@@ -131,14 +132,18 @@ def storage(tmp: Path, args, pool) -> dict:
     np.save(tmp / "cls-gold.npy", gold.astype(np.int64))
     total = dir_bytes(cdir)
     dense = c * 4
+    by_role = bytes_by_role(cdir)
     row = {"examples": n, "num_classes": c, "shards": SoftLabelStore(cdir, verify="size").num_shards,
            "write_s": write_s, "total_bytes": total, "bytes_per_example": total / n,
            "logits_only_bytes_per_example": 2 * c, "dense_fp32_bytes_per_example": dense,
-           "store_over_dense": total / n / dense, "by_role": bytes_by_role(cdir)}
+           "store_over_dense": total / n / dense, "by_role": by_role,
+           "by_role_bytes_per_example": {role: b / n for role, b in by_role.items()},
+           "target_bytes_per_example": 16, "target_met": total / n <= 16}
     out["classification"] = row
-    print(f"storage classification C={c}, N={n:,}: {row['bytes_per_example']:.2f} B/example on disk (fp16 logits "
-          f"{2 * c} B + int64 id 8 + int64 gold 8 + order.bin 8 + headers/json) vs dense fp32 logits {dense} B: "
-          f"store/dense = {row['store_over_dense']:.2f}x (logits alone: {2 * c / dense:.2f}x)", flush=True)
+    parts = " + ".join(f"{role} {b / n:.2f}" for role, b in by_role.items())
+    print(f"storage classification C={c}, N={n:,}: {row['bytes_per_example']:.2f} B/example on disk, all files "
+          f"({parts}) vs dense fp32 logits {dense} B: store/dense = {row['store_over_dense']:.2f}x (logits alone: "
+          f"{2 * c / dense:.2f}x); target <= 16 B: {'met' if row['target_met'] else 'MISSED'}", flush=True)
     for k in args.ks:
         arrays = mlm_arrays(args.mlm_storage_examples, args.seq_len, k, args.vocab, pool, seed=10 + k)
         mdir = tmp / f"mlm-k{k}"
@@ -160,8 +165,7 @@ def storage(tmp: Path, args, pool) -> dict:
 # ---------------------------------------------------------------------------------------------- 2. reader
 def read_loop(n: int, batch: int, seed: int, fetch) -> tuple[float, int]:
     """One epoch in StoreSampler order (sampler included), calling fetch(indices) per batch."""
-    from trainer.data.sampling import Cursor
-    from trainer.data.softlabels import StoreSampler
+    from trainer.data.sampling import Cursor, StoreSampler
 
     sampler = StoreSampler(n, batch, 0, 1, seed)
     cursor, examples = Cursor(0, 0), 0
@@ -247,8 +251,7 @@ def reader_mlm(tmp: Path, args, pool) -> tuple[dict, list[dict]]:
              "mb_per_s": ex * per_ex_dense / secs / MB, "bytes_per_example": per_ex_dense,
              "examples_per_s_incl_load": ex / (secs + load_s)}
     # a few real batches for the student step
-    from trainer.data.sampling import Cursor
-    from trainer.data.softlabels import StoreSampler
+    from trainer.data.sampling import Cursor, StoreSampler
 
     sampler, cursor, batches = StoreSampler(n, args.batch, 0, 1, args.seed), Cursor(0, 0), []
     for _ in range(3):

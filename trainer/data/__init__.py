@@ -1,2 +1,2 @@
-"""Data on disk and in batches: text sources, corpus shards, the soft-label store, tokenization, masking,
-batch orders, labeled tasks and their metrics."""
+"""Data on disk and in batches: text sources, corpus shards and the soft-label store (one binfile format),
+tokenization, encoding, masking, batch orders (every sampler), tasks and their metrics, transfer sets."""

@@ -3,48 +3,42 @@
 A corpus is a directory::
 
     tokenizer.json       the tokenizer that made the ids (so the corpus is self-contained)
-    manifest.json        written last: tokenizer hash, options, sources, and per shard the sha256 of
-                         both files, token/sequence/document counts
-    shard-00000.bin      token ids of all sequences back to back; uint16 when the vocab has at most
-                         65,536 entries, else uint32; little endian
-    shard-00000.idx      32-byte header, then two offset tables (all little endian):
-                           magic     8 bytes  b"WRIDX\\x00\\x00\\x01"
-                           version   u32      1
-                           itemsize  u32      2 (uint16) or 4 (uint32): dtype of the .bin
-                           n_seqs    u64
-                           n_docs    u64
-                           seq_off   u64[n_seqs + 1]  token offset of sequence i in .bin; seq i is
-                                                      bin[seq_off[i]:seq_off[i + 1]]
-                           doc_off   u64[n_docs + 1]  index of the first sequence of document j
+    manifest.json        written last: format version, tokenizer hash, options, sources, and per shard
+                         the sha256 of both files, token/sequence/document counts
+    shard-00000.bin      one record (trainer/data/binfile.py): the token ids of all sequences back to
+                         back, `binfile.token_dtype` (uint16 up to 65,536 entries, else uint32)
+    shard-00000.idx      two records (trainer/data/binfile.py), both uint64:
+                           seq_off  [n_seqs + 1]  token offset of sequence i in .bin; seq i is
+                                                  bin[seq_off[i]:seq_off[i + 1]]
+                           doc_off  [n_docs + 1]  index of the first sequence of document j
     shard-00000.json     sidecar written after both files: their sha256 and the range of source
                          documents inside, so an interrupted run resumes at the next shard
 
 Every sequence is `[CLS] tokens [SEP]` (or `[CLS] doc [SEP] doc [SEP]` when short documents are
-merged), at most seq_len ids, and never splits a document it does not have to.
+merged), at most seq_len ids, and never splits a document it does not have to. Version 2 put the
+shared binfile header on both files; version 1 corpora are refused (re-run preprocessing).
 """
 
 from __future__ import annotations
 
-import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from trainer.data.binfile import VectorWriter, read_array, read_arrays, read_manifest, token_dtype, write_arrays
 from trainer.errors import UserError
-from trainer.fileio import atomic_write_json, fsync_dir, read_json, sha256_file, tmp_name
+from trainer.fileio import atomic_write_json, sha256_file
 
-MAGIC = b"WRIDX\x00\x00\x01"
-VERSION = 1
-HEADER = struct.Struct("<8sIIQQ")
+__all__ = ["FORMAT_NAME", "MANIFEST", "TOKENIZER_FILE", "VERSION", "Shard", "ShardWriter", "TokenShards",
+           "open_shard", "shard_stem", "token_dtype"]
+
+MAGIC = b"WRIDX\x00\x00\x01"  # unchanged since version 1, so a version-1 .idx gets the version message
+VERSION = 2
+REBUILD = "re-run tools/preprocess_corpus.py into a new directory"
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"  # a copy of the tokenizer, so a corpus directory is self-contained
 FORMAT_NAME = "wellread-token-shards"
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
 def shard_stem(index: int) -> str:
@@ -60,8 +54,7 @@ class ShardWriter:
         self.dtype = np.dtype(dtype)
         self.bin_path = self.directory / f"{self.stem}.bin"
         self.idx_path = self.directory / f"{self.stem}.idx"
-        self._bin_tmp = tmp_name(self.bin_path)
-        self._bin = open(self._bin_tmp, "wb")
+        self._bin = VectorWriter(self.bin_path, self.dtype, MAGIC, VERSION)
         self.seq_off: list[int] = [0]
         self.doc_off: list[int] = []
         self.tokens = 0
@@ -70,9 +63,8 @@ class ShardWriter:
         self.doc_off.append(len(self.seq_off) - 1)
 
     def add_sequence(self, ids: np.ndarray) -> None:
-        arr = np.ascontiguousarray(ids, dtype=self.dtype)
-        self._bin.write(arr.tobytes())
-        self.tokens += arr.size
+        self._bin.append(ids)
+        self.tokens += np.size(ids)
         self.seq_off.append(self.tokens)
 
     @property
@@ -80,24 +72,14 @@ class ShardWriter:
         return len(self.seq_off) - 1
 
     def close(self, extra: dict) -> dict:
-        """Fsync and rename both files, then write the sidecar that marks the shard finished."""
-        self._bin.flush()
-        os.fsync(self._bin.fileno())
+        """Publish both files (each fsynced and renamed), then the sidecar that marks the shard finished."""
         self._bin.close()
-        os.replace(self._bin_tmp, self.bin_path)
         doc_off = self.doc_off + [self.n_seqs]
-        header = HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, self.n_seqs, len(self.doc_off))
-        idx_tmp = tmp_name(self.idx_path)
-        with open(idx_tmp, "wb") as f:
-            f.write(header)
-            f.write(np.asarray(self.seq_off, dtype="<u8").tobytes())
-            f.write(np.asarray(doc_off, dtype="<u8").tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(idx_tmp, self.idx_path)
-        fsync_dir(self.directory)
+        write_arrays(self.idx_path, [np.asarray(self.seq_off, dtype="<u8"), np.asarray(doc_off, dtype="<u8")],
+                     MAGIC, VERSION)
         info = {
             "name": self.stem,
+            "version": VERSION,
             "bin": self.bin_path.name,
             "idx": self.idx_path.name,
             "bin_sha256": sha256_file(self.bin_path),
@@ -111,8 +93,7 @@ class ShardWriter:
         return info
 
     def abort(self) -> None:
-        self._bin.close()
-        self._bin_tmp.unlink(missing_ok=True)
+        self._bin.abort()
 
 
 @dataclass
@@ -130,28 +111,21 @@ class Shard:
 
 
 def open_shard(bin_path: Path, idx_path: Path) -> Shard:
-    """Memory-map one shard; validates the header and offsets, never reads the tokens."""
-    with open(idx_path, "rb") as f:
-        raw = f.read(HEADER.size)
-    if len(raw) < HEADER.size:
-        raise UserError(f"{idx_path}: truncated index header")
-    magic, version, itemsize, n_seqs, n_docs = HEADER.unpack(raw)
-    if magic != MAGIC or version != VERSION:
-        raise UserError(f"{idx_path}: not a wellread shard index (bad magic or version)")
-    if itemsize not in (2, 4):
-        raise UserError(f"{idx_path}: unsupported token size {itemsize}")
-    expected = HEADER.size + 8 * (n_seqs + 1) + 8 * (n_docs + 1)
-    if idx_path.stat().st_size != expected:
-        raise UserError(f"{idx_path}: index size {idx_path.stat().st_size} != expected {expected}")
-    seq_off = np.memmap(idx_path, dtype="<u8", mode="r", offset=HEADER.size, shape=(n_seqs + 1,))
-    doc_off = np.memmap(idx_path, dtype="<u8", mode="r", offset=HEADER.size + 8 * (n_seqs + 1),
-                        shape=(n_docs + 1,))
-    dtype = np.dtype("<u2") if itemsize == 2 else np.dtype("<u4")
-    n_tokens = int(seq_off[-1])
-    if bin_path.stat().st_size != n_tokens * itemsize:
-        raise UserError(f"{bin_path}: size {bin_path.stat().st_size} bytes != {n_tokens} tokens x {itemsize}")
-    tokens = (np.memmap(bin_path, dtype=dtype, mode="r", shape=(n_tokens,)) if n_tokens
-              else np.zeros(0, dtype=dtype))
+    """Memory-map one shard; validates headers, sizes and that the offsets agree, never reads the tokens."""
+    what = "wellread corpus shard"
+    seq_off, doc_off = read_arrays(idx_path, MAGIC, VERSION, what, records=2, hint=REBUILD)
+    tokens = read_array(bin_path, MAGIC, VERSION, what, hint=REBUILD)
+    for name, arr in (("sequence", seq_off), ("document", doc_off)):
+        if arr.dtype != np.dtype("<u8") or arr.ndim != 1 or arr.size == 0:
+            raise UserError(f"{idx_path}: {name} offsets must be a non-empty uint64 vector")
+    if tokens.ndim != 1 or tokens.dtype.str not in ("<u2", "<u4"):
+        raise UserError(f"{bin_path}: tokens must be a uint16/uint32 vector, got {tokens.dtype.str} {tokens.shape}")
+    if int(seq_off[0]) != 0 or int(seq_off[-1]) != tokens.size:
+        raise UserError(f"{idx_path}: sequence offsets span {int(seq_off[0])}..{int(seq_off[-1])}, the .bin holds "
+                        f"{tokens.size} tokens")
+    if int(doc_off[-1]) != seq_off.size - 1:
+        raise UserError(f"{idx_path}: document offsets end at {int(doc_off[-1])}, the shard has {seq_off.size - 1} "
+                        "sequences")
     return Shard(bin_path.stem, tokens, seq_off, doc_off)
 
 
@@ -164,13 +138,9 @@ class TokenShards:
 
     def __init__(self, directory: str | Path, verify: str = "full"):
         self.directory = Path(directory)
-        manifest_path = self.directory / MANIFEST
-        if not manifest_path.is_file():
-            raise UserError(f"{self.directory}: no {MANIFEST} (not a preprocessed corpus, or preprocessing "
-                            "did not finish: re-run tools/preprocess_corpus.py to resume)")
-        self.manifest = read_json(manifest_path, "corpus manifest")
-        if self.manifest.get("format") != FORMAT_NAME:
-            raise UserError(f"{manifest_path}: not a {FORMAT_NAME} manifest")
+        self.manifest = read_manifest(self.directory / MANIFEST, FORMAT_NAME, VERSION, "preprocessed corpus",
+                                      "preprocessing did not finish: re-run tools/preprocess_corpus.py to resume",
+                                      REBUILD)
         self.shards: list[Shard] = []
         for entry in self.manifest["shards"]:
             bin_path, idx_path = self.directory / entry["bin"], self.directory / entry["idx"]

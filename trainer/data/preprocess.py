@@ -21,7 +21,8 @@ from typing import Literal
 
 import numpy as np
 
-from trainer.data.indexed import FORMAT_NAME, MANIFEST, TOKENIZER_FILE, ShardWriter, shard_stem, token_dtype
+from trainer.data.binfile import token_dtype
+from trainer.data.indexed import FORMAT_NAME, MANIFEST, REBUILD, TOKENIZER_FILE, VERSION, ShardWriter, shard_stem
 from trainer.data.text_sources import SourceSpec, SourceStats, input_bytes, iter_pieces
 from trainer.data.tokenization import load_tokenizer, resolve_tokenizer_path, special_ids, tokenizer_hash
 from trainer.errors import UserError
@@ -192,6 +193,9 @@ def finished_shards(out: Path, fingerprint: str) -> list[dict]:
         if not sidecar.is_file():
             break
         info = read_json(sidecar, "shard sidecar")
+        if info.get("version", 1) != VERSION:
+            raise UserError(f"{sidecar}: shard of corpus format version {info.get('version', 1)}, this wellread "
+                            f"writes version {VERSION}; {REBUILD} (nothing was overwritten)")
         if info.get("fingerprint") != fingerprint:
             raise UserError(f"{sidecar}: written with other inputs or options; use a new output directory "
                             "(nothing was overwritten)")
@@ -226,6 +230,9 @@ def preprocess(spec: SourceSpec, out: Path, tokenizer: str | None = None, opts: 
     manifest_path = out / MANIFEST
     if manifest_path.exists():
         existing = read_json(manifest_path, "corpus manifest")
+        if existing.get("version") != VERSION:
+            raise UserError(f"{manifest_path}: a corpus of format version {existing.get('version')}, this wellread "
+                            f"writes version {VERSION}; {REBUILD} (nothing was overwritten)")
         if existing.get("fingerprint") == fingerprint:
             print(f"{out}: already complete ({existing['stats']['tokens']:,} tokens); nothing to do", file=sys.stderr)
             return existing
@@ -287,7 +294,7 @@ def preprocess(spec: SourceSpec, out: Path, tokenizer: str | None = None, opts: 
 
     manifest = {
         "format": FORMAT_NAME,
-        "version": 1,
+        "version": VERSION,
         "fingerprint": fingerprint,
         "tokenizer": {"file": TOKENIZER_FILE, "source": str(tok_path), "sha256": tok_hash, "vocab_size": vocab,
                       "special_ids": asdict(specials)},

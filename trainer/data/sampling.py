@@ -1,9 +1,14 @@
-"""Deterministic, resumable order of examples across ranks.
+"""Every batch order: which items each rank sees, deterministic and resumable across ranks.
 
 Epoch e visits the items in a pseudo-random permutation keyed by (seed, e). Global batch b of the
-epoch is items order[b*G:(b+1)*G]; rank r takes its contiguous slice of G/W. The whole position is the
+epoch is items order[b*G:(b+1)*G]; rank r takes its contiguous slice of it. The whole position is the
 cursor (epoch, batch): saving it is enough to resume mid-epoch without replaying the data, and the
 global batch is the same for any number of ranks.
+
+* `BatchOrder`: pre-training (drops the partial last batch, as the step count is planned in full
+  batches) and, with `partial_last=True`, distillation over a soft-label store (`StoreSampler`: every
+  example exactly once per epoch, the last global batch shorter, a rank's slice possibly empty).
+* `BucketedOrder`: fine-tuning, length-bucketed batches so short examples do not pay for long ones.
 
 The permutation is a keyed Feistel network with cycle walking, so it costs O(1) memory per index
 instead of an n-element array (a 100M-sequence corpus would need 800 MB per rank).
@@ -69,15 +74,29 @@ class Cursor:
 
 
 class BatchOrder:
-    """Which items rank `rank` sees in each global batch."""
+    """Which items rank `rank` sees in each global batch.
+
+    Drop mode (default): `global_batch` must divide by the world size, each epoch is
+    n // global_batch full batches, the remainder is not visited that epoch. `partial_last=True`:
+    ceil(n / global_batch) batches, the last one shorter, so every item is visited once per epoch;
+    a global batch of m items is cut into `world_size` contiguous slices whose sizes differ by at most
+    one (a rank may get none). In both modes the slices are [r*m//W, (r+1)*m//W).
+    """
 
     def __init__(self, n_items: int, global_batch: int, rank: int, world_size: int, seed: int,
-                 shuffle: bool = True, what: str = "dataset"):
-        if global_batch % world_size:
+                 shuffle: bool = True, what: str = "dataset", partial_last: bool = False):
+        if n_items < 1:
+            raise UserError(f"{what} has no items")
+        if global_batch < 1:
+            raise UserError(f"global batch must be >= 1, got {global_batch}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        if not partial_last and global_batch % world_size:
             raise UserError(f"global batch {global_batch} is not divisible by {world_size} ranks")
         self.n, self.g, self.rank, self.world, self.seed, self.shuffle = (
             n_items, global_batch, rank, world_size, seed, shuffle)
-        self.batches_per_epoch = n_items // global_batch
+        self.what, self.partial_last = what, partial_last
+        self.batches_per_epoch = -(-n_items // global_batch) if partial_last else n_items // global_batch
         if self.batches_per_epoch == 0:
             raise UserError(f"{what} has {n_items} items, fewer than one global batch of {global_batch}")
         self._perm: tuple[int, Permutation] | None = None
@@ -87,14 +106,68 @@ class BatchOrder:
             self._perm = (epoch, Permutation(self.n, self.seed, epoch))
         return self._perm[1]
 
+    def check(self, cursor: Cursor) -> None:
+        """A cursor saved for other data or another batch size is an error, not a silent wrap-around."""
+        if cursor.epoch < 0 or not 0 <= cursor.batch < self.batches_per_epoch:
+            raise UserError(f"cursor (epoch {cursor.epoch}, batch {cursor.batch}) is outside the "
+                            f"{self.batches_per_epoch} global batches of {self.g} per epoch over {self.n} items of "
+                            f"the {self.what}: the checkpoint was made for other data or another batch size")
+
+    def global_batch_size(self, cursor: Cursor) -> int:
+        """Items in this global batch over all ranks (G, or fewer for the partial last batch)."""
+        self.check(cursor)
+        return min(self.g, self.n - cursor.batch * self.g)
+
     def global_items(self, cursor: Cursor) -> np.ndarray:
-        positions = np.arange(cursor.batch * self.g, (cursor.batch + 1) * self.g)
+        start = cursor.batch * self.g
+        positions = np.arange(start, start + self.global_batch_size(cursor))
         return self.order(cursor.epoch)(positions) if self.shuffle else positions
 
     def rank_items(self, cursor: Cursor) -> np.ndarray:
-        per_rank = self.g // self.world
-        return self.global_items(cursor)[self.rank * per_rank:(self.rank + 1) * per_rank]
+        """This rank's items for the global batch at `cursor` (possibly empty with `partial_last`)."""
+        items = self.global_items(cursor)
+        m = len(items)
+        return items[self.rank * m // self.world:(self.rank + 1) * m // self.world]
 
     def advance(self, cursor: Cursor) -> Cursor:
+        self.check(cursor)
         nxt = cursor.batch + 1
         return Cursor(cursor.epoch + 1, 0) if nxt >= self.batches_per_epoch else Cursor(cursor.epoch, nxt)
+
+
+class StoreSampler(BatchOrder):
+    """Distillation over a soft-label store: shuffled, every example exactly once per epoch."""
+
+    def __init__(self, n_examples: int, global_batch: int, rank: int, world_size: int, seed: int):
+        super().__init__(n_examples, global_batch, rank, world_size, seed, what="soft-label store",
+                         partial_last=True)
+
+
+class BucketedOrder(BatchOrder):
+    """Length-bucketed global batches: shuffle (seed, epoch), sort windows of `window` batches by length,
+    cut into global batches, shuffle the batches. Each rank takes a contiguous slice of a global batch,
+    so examples of similar length share a micro-batch and short ones do not pay for long ones.
+    Same cursor semantics as BatchOrder in drop mode (resumable, identical global batches for any rank
+    count)."""
+
+    def __init__(self, lengths: np.ndarray, global_batch: int, rank: int, world_size: int, seed: int,
+                 window: int = 50, what: str = "task"):
+        super().__init__(len(lengths), global_batch, rank, world_size, seed, what=what)
+        self.lengths, self.window = np.asarray(lengths), max(1, window)
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    def epoch_batches(self, epoch: int) -> np.ndarray:
+        if self._cache is None or self._cache[0] != epoch:
+            order = self.order(epoch)(np.arange(self.n))[: self.batches_per_epoch * self.g]
+            span = self.window * self.g
+            for start in range(0, len(order), span):
+                part = order[start:start + span]
+                order[start:start + span] = part[np.argsort(self.lengths[part], kind="stable")]
+            batches = order.reshape(self.batches_per_epoch, self.g)
+            shuffle = Permutation(self.batches_per_epoch, self.seed + 1, epoch)(np.arange(self.batches_per_epoch))
+            self._cache = (epoch, batches[shuffle])
+        return self._cache[1]
+
+    def global_items(self, cursor: Cursor) -> np.ndarray:
+        self.check(cursor)
+        return self.epoch_batches(cursor.epoch)[cursor.batch]

@@ -1,11 +1,14 @@
-"""Sequence classification (and regression) for teachers and students: encoding, length-bucketed batches,
-the model wrapper the engine trains, and distributed prediction where every example counts once."""
+"""Sequence classification (and regression) for teachers and students: loading a classifier from any
+initial weights, the model wrapper the engine trains, and distributed prediction where every example
+counts once. (Encoding lives in trainer/data/encoding.py, batch orders in trainer/data/sampling.py.)"""
 
 from __future__ import annotations
 
+import contextlib
 import math
-import tempfile
-from dataclasses import dataclass
+import secrets
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,102 +19,76 @@ from torch import nn
 from transformers import BertForSequenceClassification
 
 from kernels.patch import fuse_bert
-from trainer.data.sampling import BatchOrder, Cursor, Permutation
+from trainer.data.encoding import Encoded, collate
+from trainer.errors import UserError
+from trainer.fileio import atomic_rename_dir
 from trainer.launcher import DistEnv
-from trainer.models.zoo import bert_config, resolve
+from trainer.models.zoo import bert_config, fresh_model, resolve
+
+CONVERTED_PREFIX = ".hf-"  # temporary Hugging Face copies of a checkpoint, beside it while ranks load them
 
 
-# ---------------------------------------------------------------------------------------------- encoding
-@dataclass
-class Encoded:
-    """A tokenized split: variable-length id arrays (with [CLS]/[SEP]), segment ids, labels."""
+@contextlib.contextmanager
+def hf_view(spec: Path) -> Iterator[Path]:
+    """A Hugging Face directory for `spec`: itself, or a DeepSpeed checkpoint converted once, then removed.
 
-    input_ids: list[np.ndarray]
-    token_type_ids: list[np.ndarray]
-    labels: np.ndarray  # int64 class ids, or float32 targets for regression
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self))
-
-
-def encode(examples, tokenizer, max_len: int, regression: bool) -> Encoded:
-    """Tokenize pairs or singles with BERT specials, truncating the longest part first."""
-    tok = tokenizer
-    tok.enable_truncation(max_length=max_len, strategy="longest_first")
-    try:
-        pairs = examples[0].text_b is not None if examples else False
-        inputs = [(e.text_a, e.text_b) for e in examples] if pairs else [e.text_a for e in examples]
-        encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
-        encodings = encode_batch(inputs, add_special_tokens=True)
-    finally:
-        tok.no_truncation()
-    labels = np.asarray([e.label for e in examples], dtype=np.float32 if regression else np.int64)
-    return Encoded([np.asarray(e.ids, dtype=np.int64) for e in encodings],
-                   [np.asarray(e.type_ids, dtype=np.int64) for e in encodings], labels)
-
-
-def collate(enc: Encoded, idx: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad to the longest example of this batch only (dynamic padding)."""
-    length = max(len(enc.input_ids[i]) for i in idx)
-    ids = np.full((len(idx), length), pad_id, dtype=np.int64)
-    types = np.zeros((len(idx), length), dtype=np.int64)
-    mask = np.zeros((len(idx), length), dtype=np.int64)
-    for row, i in enumerate(idx):
-        n = len(enc.input_ids[i])
-        ids[row, :n], types[row, :n], mask[row, :n] = enc.input_ids[i], enc.token_type_ids[i], 1
-    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
-            "token_type_ids": torch.from_numpy(types), "labels": torch.from_numpy(enc.labels[idx])}
-
-
-# ---------------------------------------------------------------------------------------------- batching
-class BucketedOrder(BatchOrder):
-    """Length-bucketed global batches: shuffle (seed, epoch), sort windows of `window` batches by length,
-    cut into global batches, shuffle the batches. Each rank takes a contiguous slice of a global batch,
-    so examples of similar length share a micro-batch and short ones do not pay for long ones.
-    Same cursor semantics as BatchOrder (resumable, identical global batches for any rank count)."""
-
-    def __init__(self, lengths: np.ndarray, global_batch: int, rank: int, world_size: int, seed: int,
-                 window: int = 50, what: str = "task"):
-        super().__init__(len(lengths), global_batch, rank, world_size, seed, what=what)
-        self.lengths, self.window = lengths, max(1, window)
-        self._cache: tuple[int, np.ndarray] | None = None
-
-    def epoch_batches(self, epoch: int) -> np.ndarray:
-        if self._cache is None or self._cache[0] != epoch:
-            order = self.order(epoch)(np.arange(self.n))[: self.batches_per_epoch * self.g]
-            span = self.window * self.g
-            for start in range(0, len(order), span):
-                part = order[start:start + span]
-                order[start:start + span] = part[np.argsort(self.lengths[part], kind="stable")]
-            batches = order.reshape(self.batches_per_epoch, self.g)
-            shuffle = Permutation(self.batches_per_epoch, self.seed + 1, epoch)(np.arange(self.batches_per_epoch))
-            self._cache = (epoch, batches[shuffle])
-        return self._cache[1]
-
-    def global_items(self, cursor: Cursor) -> np.ndarray:
-        return self.epoch_batches(cursor.epoch)[cursor.batch]
-
-
-# ---------------------------------------------------------------------------------------------- model
-def load_classifier(name: str, num_labels: int, dropout: float | None = None, attention: str = "sdpa",
-                    vocab_size: int = 30522) -> BertForSequenceClassification:
-    """Fresh weights for a preset (basic training); pretrained encoder, new head, for anything else."""
+    Collective when `spec` is a checkpoint (every rank calls it at the same point): rank 0 converts it
+    into a uniquely named directory beside the checkpoint (visible to every node, unlike /tmp), the
+    name (or rank 0's error) is broadcast, every rank loads inside the `with`, and after a barrier
+    rank 0 deletes the copy, whether loading succeeded or not.
+    """
     from trainer.checkpoint import is_checkpoint, to_hf_dir
 
+    if not is_checkpoint(spec):
+        yield spec
+        return
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    message = [""]
+    failure: Exception | None = None
+    if rank == 0:
+        dest = spec.parent / f"{CONVERTED_PREFIX}{spec.name}-{secrets.token_hex(4)}"
+        building = dest.with_name(f"{dest.name}.tmp")
+        try:
+            to_hf_dir(spec, building)
+            atomic_rename_dir(building, dest)
+            message = [str(dest)]
+        except Exception as e:  # told to every rank first, so none waits forever for the directory
+            shutil.rmtree(building, ignore_errors=True)
+            failure = e
+            why = str(e) if isinstance(e, UserError) else \
+                f"{spec}: cannot convert the checkpoint beside it ({type(e).__name__}: {e})"
+            message = [f"error: {why}"]
+    if world > 1:
+        dist.broadcast_object_list(message, src=0)
+    if message[0].startswith("error: "):
+        if failure is not None and not isinstance(failure, OSError):
+            raise failure
+        raise UserError(message[0][len("error: "):])
+    dest = Path(message[0])
+    try:
+        yield dest
+    finally:
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            shutil.rmtree(dest, ignore_errors=True)
+
+
+def load_classifier(name: str, num_labels: int, dropout: float | None = None, attention: str = "sdpa",
+                    vocab_size: int = 30522) -> BertForSequenceClassification:
+    """Fresh weights for a preset (basic training); pretrained encoder, new head, for anything else.
+
+    Collective when `name` is a checkpoint (see `hf_view`)."""
     spec = resolve(name)
     cfg = bert_config(name, vocab_size=vocab_size, dropout=dropout)
     cfg.num_labels = num_labels
     cfg.problem_type = "regression" if num_labels == 1 else "single_label_classification"
-    if not isinstance(spec, Path):
-        cfg._attn_implementation = attention
-        return fuse_bert(BertForSequenceClassification(cfg))
-    if is_checkpoint(spec):
-        spec = to_hf_dir(spec, Path(tempfile.mkdtemp(prefix="wellread-ckpt-")))
-    return fuse_bert(BertForSequenceClassification.from_pretrained(spec, config=cfg, attn_implementation=attention))
+    if not isinstance(spec, Path):  # fresh_model: partitioned under ZeRO-3, same weights at every stage
+        return fuse_bert(fresh_model(BertForSequenceClassification, cfg, attention))
+    with hf_view(spec) as hf_dir:
+        model = BertForSequenceClassification.from_pretrained(hf_dir, config=cfg, attn_implementation=attention)
+    return fuse_bert(model)
 
 
 class Classifier(nn.Module):

@@ -29,12 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from transformers import BertForSequenceClassification
 
+    from trainer.data.encoding import load_task_data
     from trainer.data.task_metrics import compute_metrics
     from trainer.data.tasks import resolve_task
     from trainer.data.tokenization import load_tokenizer, special_ids
     from trainer.models.classify import Classifier, predict
     from trainer.models.zoo import resolve
-    from trainer.stages.finetune import load_task_data
 
     model_dir = resolve(args.model)
     if not isinstance(model_dir, Path) or not (model_dir / "model.safetensors").is_file():

@@ -1,11 +1,13 @@
 """`wellread label RECIPE.yaml [--shard-index i --num-shards n] [--finalize]`: teacher soft labels.
 
-Runs the teacher over an unlabeled transfer set and writes a soft-label store (layout in
-trainer/data/softlabels.py): sequence logits of a fine-tuned classifier, or top-k MLM distributions of an
-MLM teacher (with the exact token ids it saw). The transfer set is enumerated the same way by every
-writer; example i belongs to job shard i mod n (a Slurm array task) and, inside it, to rank
-(i div n) mod world. Each writer skips what its finished parts already hold, so a killed job resumes.
-The last writer to finish (or `--finalize`) verifies every shard and writes the manifest.
+Runs the teacher over an unlabeled transfer set (trainer/data/transfer.py) and writes a soft-label
+store (layout in trainer/data/softlabels/format.py): sequence logits of a fine-tuned classifier, or
+top-k MLM distributions of an MLM teacher (with the exact token ids it saw). The transfer set is
+enumerated the same way by every writer; example i belongs to job shard i mod n (by default the
+task's position in its Slurm array, so `--array=1-16` or `--array=0-30:2` work like `--array=0-15`)
+and, inside it, to rank (i div n) mod world. Each writer skips what its finished parts already hold,
+so a killed job resumes. The last writer to finish (or `--finalize`) verifies every shard and writes
+the manifest.
 """
 
 from __future__ import annotations
@@ -14,10 +16,9 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -29,6 +30,7 @@ from trainer.cli import add_recipe_arguments
 from trainer.config import dump_yaml, load_config, to_dict
 from trainer.data.softlabels import MANIFEST, SoftLabelWriter, finalize, finished_parts, make_writer_id
 from trainer.data.tokenization import load_tokenizer, special_ids, tokenizer_hash
+from trainer.data.transfer import TransferSection, transfer_examples, transfer_fingerprint
 from trainer.errors import UserError
 from trainer.fileio import sha256_file
 from trainer.launcher import DistEnv, barrier, init_distributed, shutdown
@@ -36,28 +38,6 @@ from trainer.loop import log0
 from trainer.recipe import DebugSection
 
 FINALIZE_CLAIM = ".finalize.claim"  # created by the one writer that auto-finalizes
-
-SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s+[\"'(\[]?[A-Z0-9])")
-HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
-
-
-@dataclass
-class TransferSection:
-    """The unlabeled transfer set: text/JSONL files, a `datasets` dataset, or a labeled task's split
-    (gold labels are then kept, so the inspector can report the teacher's accuracy)."""
-
-    files: list[str] = field(default_factory=list)
-    text_field: str = "text"
-    doc_mode: Literal["file", "blank_line", "line"] = "line"  # for plain text files
-    hf_dataset: str | None = None
-    hf_split: str = "train"
-    task: str | None = None  # e.g. sst2: use its split's texts (text_a) and gold labels
-    task_split: str = "train"
-    data_root: str | None = None
-    split_sentences: bool = False  # e.g. IMDb reviews -> sentences (the movie-review transfer set for SST-2)
-    strip_html: bool = True  # IMDb keeps <br /> tags
-    min_chars: int = 1
-    max_examples: int | None = None
 
 
 @dataclass
@@ -84,63 +64,6 @@ class LabelRecipe:
             raise ValueError("missing required key 'teacher' (an exported model directory)")
         if not (self.transfer.files or self.transfer.hf_dataset or self.transfer.task):
             raise ValueError("the transfer set is empty: give transfer.files, transfer.hf_dataset or transfer.task")
-
-
-# ---------------------------------------------------------------------------------------------- transfer set
-def split_into_sentences(text: str) -> list[str]:
-    """Cut after ., ! or ? (and closing quotes) when the next word starts upper-case or with a digit."""
-    cuts = [m.end() for m in SENTENCE_END.finditer(text)]
-    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
-    return [p.strip() for p in pieces if p.strip()]
-
-
-def transfer_examples(t: TransferSection) -> Iterator[tuple[str, int]]:
-    """(text, gold label or -1) in a fixed order: the example id is the position in this stream."""
-    def units(text: str, gold: int) -> Iterator[tuple[str, int]]:
-        if t.strip_html:
-            text = HTML_BREAK.sub(" ", text)
-        for piece in split_into_sentences(text) if t.split_sentences else [text.strip()]:
-            if len(piece) >= t.min_chars:
-                yield piece, gold
-
-    def stream() -> Iterator[tuple[str, int]]:
-        if t.task:
-            from trainer.data.tasks import load_split, resolve_task
-
-            loaded = load_split(resolve_task(t.task), t.task_split, Path(t.data_root) if t.data_root else None)
-            for e in loaded.examples:
-                yield from units(e.text_a, int(e.label))
-        if t.files or t.hf_dataset:
-            from trainer.data.text_sources import SourceSpec, SourceStats, iter_pieces
-
-            spec = SourceSpec(files=[Path(f) for f in t.files], doc_mode=t.doc_mode, text_field=t.text_field,
-                              hf_dataset=t.hf_dataset, hf_split=t.hf_split)
-            current, buf = -1, []
-            for doc, piece in iter_pieces(spec, SourceStats()):
-                if doc != current and buf:
-                    yield from units("".join(buf), -1)
-                    buf = []
-                current = doc
-                buf.append(piece)
-            if buf:
-                yield from units("".join(buf), -1)
-
-    for i, example in enumerate(stream()):
-        if t.max_examples is not None and i >= t.max_examples:
-            return
-        yield example
-
-
-def transfer_fingerprint(t: TransferSection) -> str:
-    """Identity of the transfer set: its files' contents and every option that changes the examples."""
-    key = {k: v for k, v in to_dict(t).items() if k not in ("files", "data_root")}
-    key["files"] = [[Path(f).name, sha256_file(f)] for f in t.files]
-    if t.task:
-        from trainer.data.tasks import resolve_task, split_path
-
-        path = split_path(resolve_task(t.task), t.task_split, Path(t.data_root) if t.data_root else None)
-        key["task_file"] = [path.name, sha256_file(path)]
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
 def teacher_fingerprint(model_dir: Path) -> dict[str, str]:
@@ -316,16 +239,50 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-index", type=int, default=None,
                    help="this job's share of the transfer set (default: position in the Slurm array, or 0)")
     p.add_argument("--num-shards", type=int, default=None,
-                   help="number of independent jobs (default: $SLURM_ARRAY_TASK_COUNT or 1)")
+                   help="number of independent jobs (default: the Slurm array's task count, or 1)")
     p.add_argument("--finalize", action="store_true", help="only verify every shard and write the manifest")
+
+
+def slurm_array_position(environ: Mapping[str, str]) -> tuple[int, int] | None:
+    """(position of this task in its Slurm job array, number of tasks), or None outside an array.
+
+    The position, not SLURM_ARRAY_TASK_ID: `--array=1-3` has ids 1..3 and `--array=0-4:2` ids 0, 2, 4,
+    both positions 0..2 of 3. An array that is not evenly spaced (`--array=0,2,5`) has no such
+    position, and is an error asking for --shard-index/--num-shards.
+    """
+    if "SLURM_ARRAY_TASK_ID" not in environ:
+        return None
+    try:
+        task, count = int(environ["SLURM_ARRAY_TASK_ID"]), int(environ["SLURM_ARRAY_TASK_COUNT"])
+        low = int(environ.get("SLURM_ARRAY_TASK_MIN", task))
+        high = int(environ.get("SLURM_ARRAY_TASK_MAX", low + count - 1))
+        step = int(environ.get("SLURM_ARRAY_TASK_STEP", 1))
+    except (KeyError, ValueError) as e:
+        raise UserError(f"incomplete or non-integer Slurm array variables ({e}); pass --shard-index and "
+                        "--num-shards") from None
+    position, off_grid = divmod(task - low, step) if step > 0 else (-1, 1)
+    if off_grid or not 0 <= position < count or low + (count - 1) * step != high:
+        raise UserError(f"Slurm array task {task} of {count} (min {low}, max {high}, step {step}) is not evenly "
+                        "spaced; pass --shard-index and --num-shards")
+    return position, count
+
+
+def job_shard(shard_index: int | None, num_shards: int | None, environ: Mapping[str, str]) -> tuple[int, int]:
+    """This job's share of the transfer set: the flags, else the position in the Slurm array, else (0, 1)."""
+    array = slurm_array_position(environ) if shard_index is None else None
+    if array is not None and num_shards is not None and num_shards != array[1]:
+        raise UserError(f"--num-shards {num_shards} but the Slurm array has {array[1]} tasks: pass --shard-index "
+                        "too (e.g. --shard-index $SLURM_ARRAY_TASK_ID when re-running some shards)")
+    shard = shard_index if shard_index is not None else (array[0] if array else 0)
+    count = num_shards if num_shards is not None else (array[1] if array else 1)
+    if not 0 <= shard < count:
+        raise UserError(f"--shard-index {shard} must be in [0, --num-shards {count})")
+    return shard, count
 
 
 def main(args: argparse.Namespace) -> int:
     recipe = load_config(LabelRecipe, args.recipe, args.overrides)
-    shard = args.shard_index if args.shard_index is not None else int(os.environ.get("SLURM_ARRAY_TASK_ID", 0))
-    num_shards = args.num_shards if args.num_shards is not None else int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1))
-    if not 0 <= shard < num_shards:
-        raise UserError(f"--shard-index {shard} must be in [0, --num-shards {num_shards})")
+    shard, num_shards = job_shard(args.shard_index, args.num_shards, os.environ)
     command = ["wellread", "label", args.recipe, *args.overrides]
     if args.finalize:
         from trainer.models.zoo import resolve
