@@ -8,7 +8,8 @@
   before the first fused op runs: Triton fixes interpreted-or-compiled when a kernel module is
   imported, and a module imported in the other mode falls back to the reference with a warning.
 * Everything else (and shapes/dtypes outside the table): ``kernels.reference``, optionally
-  ``torch.compile``-d (``configure(compile_reference=True)``).
+  ``torch.compile``-d (``configure(compile_reference=True)``). When Triton was wanted (CUDA tensors
+  or the interpreter) but is missing or fails to import, a RuntimeWarning names the cause, once.
 
 Models and losses call only the functions below, never a kernel module directly.
 """
@@ -79,14 +80,30 @@ def interpret_requested() -> bool:
 
 
 @functools.cache
-def triton_importable() -> bool:
+def triton_unavailable() -> str | None:
+    """Why Triton cannot be used in this process (a sentence), or None when it imports."""
     if importlib.util.find_spec("triton") is None:
-        return False
+        return "the triton package is not installed"
     try:
         import triton  # noqa: F401
-    except Exception:  # a broken install must not take the reference path down with it
-        return False
-    return True
+    except Exception as e:  # a broken install must not take the reference path down with it
+        return f"`import triton` failed with {type(e).__name__}: {e}"
+    return None
+
+
+def triton_importable() -> bool:
+    return triton_unavailable() is None
+
+
+@functools.cache
+def _warn_triton_unavailable(cause: str) -> None:
+    """Once per process: a GPU run on the reference path is several times slower, never silently."""
+    warnings.warn(
+        f"Triton kernels were requested (CUDA tensors or TRITON_INTERPRET=1) but {cause}; "
+        "every fused op uses the PyTorch reference path instead",
+        RuntimeWarning,
+        stacklevel=5,  # op -> _triton_module -> _wants_triton -> here: point at the op's caller
+    )
 
 
 @functools.cache
@@ -107,7 +124,11 @@ def _wants_triton(*tensors: Tensor) -> bool:
     # device / env checked first: on CPU without the interpreter triton is never even imported
     if not _options.use_triton or not (all(t.is_cuda for t in tensors) or interpret_requested()):
         return False
-    return triton_importable()
+    cause = triton_unavailable()
+    if cause is not None:
+        _warn_triton_unavailable(cause)
+        return False
+    return True
 
 
 def _triton_module(module: str, *tensors: Tensor) -> ModuleType | None:
