@@ -4,12 +4,15 @@
     python tools/train_tokenizer.py corpus/*.txt --vocab-size 30522 --out my-tokenizer/
 
 Writes tokenizer.json and vocab.txt; pass the directory as `--tokenizer` to preprocessing and recipes.
-Most users keep the default uncased BERT vocab (no need to run this).
+Most users keep the default uncased BERT vocab (no need to run this). The directory appears complete or
+not at all: both files are written into a temporary directory beside it, fsynced, then renamed.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -17,6 +20,29 @@ from trainer.cli import run_main
 from trainer.data.text_sources import SourceSpec, SourceStats, iter_pieces
 from trainer.data.tokenization import SPECIALS
 from trainer.errors import UserError
+from trainer.fileio import atomic_rename_dir, fsync_dir, tmp_name
+
+
+def publish_dir(out: Path, write) -> None:
+    """Call write(tmp_dir), fsync what it wrote, then rename tmp_dir to `out` (absent or empty: rename(2)
+    replaces an empty directory). Killed at any point, `out` is untouched; the temp dir is removed on error."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_name(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        for path in tmp.iterdir():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(tmp)
+        try:
+            atomic_rename_dir(tmp, out)
+        except OSError as e:  # something appeared in `out` meanwhile: never overwritten
+            raise UserError(f"{out}: directory is not empty (nothing was overwritten): {e.strerror}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,11 +65,14 @@ def main(argv: list[str] | None = None) -> int:
                             special_tokens=list(SPECIALS))
     if tok.get_vocab_size() <= len(SPECIALS):
         raise UserError(f"no text found in {', '.join(map(str, args.inputs))}")
-    if args.out.exists() and any(args.out.iterdir()):
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         raise UserError(f"{args.out}: directory is not empty (nothing was overwritten)")
-    args.out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(args.out / "tokenizer.json"))
-    tok.save_model(str(args.out))
+
+    def write(directory: Path) -> None:
+        tok.save(str(directory / "tokenizer.json"))
+        tok.save_model(str(directory))
+
+    publish_dir(args.out, write)
     print(f"{args.out}: vocab {tok.get_vocab_size()} (tokenizer.json, vocab.txt)")
     return 0
 
