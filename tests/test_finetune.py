@@ -10,8 +10,7 @@ import pytest
 import torch
 from distributed import metrics, run
 
-from trainer.data.sampling import Cursor
-from trainer.models.classify import BucketedOrder
+from trainer.data.sampling import BucketedOrder, Cursor
 
 STEPS = 8
 

@@ -11,7 +11,7 @@ import pytest
 from distributed import kill_group, run, start, wait_for
 
 from trainer.data.softlabels import SoftLabelStore
-from trainer.stages.label import TransferSection, split_into_sentences, transfer_examples
+from trainer.data.transfer import TransferSection, split_into_sentences, transfer_examples
 
 
 @pytest.fixture(scope="module")
