@@ -281,10 +281,17 @@ def publish_dir(tmp: Path, dest: Path) -> Path:
     return dest
 
 
+_crash_counts: dict[str, int] = {}
+
+
 def _crash_point(name: str) -> None:
-    """Fault injection for the atomicity tests: WELLREAD_CRASH_AT=<name> kills the process here."""
-    if os.environ.get("WELLREAD_CRASH_AT") == name:
-        os._exit(137)
+    """Fault injection for the atomicity tests: WELLREAD_CRASH_AT=<name>[@k] kills the process the k-th
+    time (default 1st) it gets here, as a power cut or SIGKILL would."""
+    want, _, nth = os.environ.get("WELLREAD_CRASH_AT", "").partition("@")
+    if want == name:
+        _crash_counts[name] = _crash_counts.get(name, 0) + 1
+        if _crash_counts[name] == int(nth or 1):
+            os._exit(137)
 
 
 def is_checkpoint(path: Path) -> bool:

@@ -1,0 +1,392 @@
+"""`wellread distill RECIPE.yaml [key=value ...]`: a student learns from a teacher's soft labels.
+
+One stage, three papers, chosen by the recipe:
+- Pre-trained Distillation (Turc et al.): `model.name` is an MLM pre-training run, export or checkpoint;
+  `data.store` a classification soft-label store (`wellread label`). Loss = alpha T^2 KL + (1 - alpha) CE.
+  The same command from a preset (random init) is the KD baseline.
+- Patient KD (Sun et al.): add `loss.beta > 0` and an online `teacher.model` for the [CLS] states of the
+  mapped layers (`loss.pkd_scheme: skip | last`).
+- DistilBERT (Sanh et al.): `data.corpus` token shards and an online MLM `teacher.model` (or an MLM
+  top-k `data.store`); loss = a_ce T^2 KL + a_mlm MLM + a_cos cosine; start from `wellread init-student`.
+
+What is special about it: batches are store indices (every example exactly once per epoch for any rank
+count, the last global batch partial, a rank with none runs a zero-weight filler); the store's teacher,
+tokenizer and transfer-set fingerprints are checked, then recorded in OUT/distill-source.json and the
+export; the teacher runs on the data side under no_grad, so the engine holds the student alone.
+
+Normalisation: every term is summed over its rows and the sum divided by one global count per step:
+examples (classification) or KD positions (MLM; = masked positions with `kd_positions: masked`). The
+cosine term of the MLM mode is summed over all non-pad positions, so relative to DistilBERT's per-position
+mean it weighs (non-pad / KD positions), about 1 / mask_prob: divide a paper's a_cos by that ratio.
+See trainer/models/distillation.py for the conventions of each term and how to translate the papers'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from trainer.cli import add_recipe_arguments
+from trainer.config import from_dict
+from trainer.data.encoding import Encoded, collate, encode, load_task_data
+from trainer.data.sampling import BatchOrder, StoreSampler
+from trainer.data.softlabels import SoftLabelStore
+from trainer.data.tasks import Example, resolve_task
+from trainer.data.tokenization import hf_tokenizer, load_tokenizer, special_ids, tokenizer_hash
+from trainer.data.transfer import TransferSection, transfer_examples, transfer_fingerprint
+from trainer.errors import UserError
+from trainer.fileio import atomic_write_json, sha256_file
+from trainer.launcher import DistEnv
+from trainer.loop import Stage, Trainer, run_stage
+from trainer.recipe import DebugSection, EngineSection, ModelSection, RunSection, TrainSection
+
+
+@dataclass
+class DistillData:
+    store: str | None = None  # soft-label store from `wellread label` (the offline teacher)
+    transfer: TransferSection | None = None  # online classification teacher: the transfer set (default: the store's)
+    corpus: str | None = None  # MLM mode with an online teacher: token shards (tools/preprocess_corpus.py)
+    max_seq_len: int | None = None  # default: the labeling recipe's, else 128
+    mask_prob: float = 0.15  # MLM mode: dynamic masking of data.corpus
+    eval_task: str | None = None  # classification: a labeled task (e.g. sst2) for dev metrics
+    eval_split: str = "dev"
+    eval_corpus: str | None = None  # MLM mode: held-out shards for masked-token accuracy
+    eval_max_sequences: int | None = 2000
+    data_root: str | None = None
+    eval_batch_size: int = 128
+    verify: Literal["full", "size"] = "full"
+
+
+@dataclass
+class TeacherSection:
+    model: str | None = None  # online teacher (HF dir / run): needed without a store, and for PKD / cosine terms
+
+
+@dataclass
+class LossSection:
+    temperature: float | None = None  # default: 1 (Turc et al.), 2 in MLM mode (DistilBERT)
+    alpha: float = 1.0  # classification: weight of the KD term; (1 - alpha) goes to CE on gold labels
+    beta: float = 0.0  # Patient KD weight
+    pkd_scheme: Literal["skip", "last"] = "skip"
+    a_ce: float = 5.0  # MLM mode (DistilBERT's reference defaults 5 / 2 / 1)
+    a_mlm: float = 2.0
+    a_cos: float = 1.0
+    kd_positions: Literal["masked", "all"] = "masked"  # MLM mode: where the vocabulary KL is taken
+    projection: bool = False  # learned student -> teacher projection when widths differ (cosine term)
+
+    def validate(self) -> None:
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"loss.alpha must be in [0, 1], got {self.alpha}")
+        if self.temperature is not None and self.temperature <= 0:
+            raise ValueError(f"loss.temperature must be positive, got {self.temperature}")
+
+
+@dataclass
+class DistillRecipe:
+    data: DistillData = field(default_factory=DistillData)
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    loss: LossSection = field(default_factory=LossSection)
+    model: ModelSection = field(default_factory=ModelSection)  # the student's start: preset (KD) or a run (PD)
+    train: TrainSection = field(default_factory=lambda: TrainSection(steps=0, epochs=1.0, lr=1e-4,
+                                                                      micro_batch=32, global_batch=32))
+    engine: EngineSection = field(default_factory=EngineSection)
+    run: RunSection = field(default_factory=lambda: RunSection(out_dir="runs/distill"))
+    debug: DebugSection = field(default_factory=DebugSection)
+
+    def validate(self) -> None:
+        if not (self.data.store or self.teacher.model):
+            raise ValueError("give data.store (soft labels from `wellread label`) or teacher.model (online teacher)")
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+class Distill(Stage):
+    name = "distill"
+
+    def __init__(self, recipe: DistillRecipe):
+        self.recipe = recipe
+        self.store: SoftLabelStore | None = None
+        self.teacher = None
+        self.source: dict[str, Any] = {}
+
+    # -- building
+    def build(self, env: DistEnv, where: str) -> torch.nn.Module:
+        data = self.recipe.data
+        if data.store:
+            self.store = SoftLabelStore(data.store, verify=data.verify)
+            self.kind = self.store.kind
+        else:
+            self.kind = "mlm" if data.corpus else "classification"
+        self.t = self.recipe.loss.temperature or (2.0 if self.kind == "mlm" else 1.0)
+        self.tokenizer = self._student_tokenizer(where)
+        if self.recipe.teacher.model:
+            self.teacher = self._load_teacher()
+        module = self._build_classification(where) if self.kind == "classification" else self._build_mlm(where)
+        self.eval_prefix = f"eval_{data.eval_split}" if self.kind == "classification" else "eval"
+        if env.is_main:
+            Path(self.recipe.run.out_dir).mkdir(parents=True, exist_ok=True)
+            atomic_write_json(Path(self.recipe.run.out_dir) / "distill-source.json", self.source)
+        return module
+
+    def _student_tokenizer(self, where: str):
+        from trainer.models.zoo import resolve
+
+        spec = resolve(self.recipe.model.name)
+        tok = load_tokenizer(spec / "tokenizer.json") if isinstance(spec, Path) and (
+            spec / "tokenizer.json").is_file() else load_tokenizer()
+        if self.store is not None:
+            # check_compatible (tokenizer, transfer set, files present) happens once the transfer set is known
+            self.source["store"] = {"path": str(self.store.directory), "kind": self.store.kind,
+                                    "examples": len(self.store), "teacher": self.store.header.get("teacher"),
+                                    "tokenizer_hash": self.store.header.get("tokenizer_hash"),
+                                    "transfer_fingerprint": self.store.header.get("transfer_fingerprint")}
+        self.source["student_init"] = self.recipe.model.name
+        self.source["tokenizer_hash"] = tokenizer_hash(tok)
+        return tok
+
+    def _load_teacher(self):
+        from transformers import BertForMaskedLM, BertForSequenceClassification
+
+        from trainer.models.zoo import resolve
+
+        spec = resolve(self.recipe.teacher.model)
+        if not isinstance(spec, Path):
+            raise UserError(f"teacher.model: '{self.recipe.teacher.model}' is a preset; give a trained model directory")
+        cls = BertForSequenceClassification if self.kind == "classification" else BertForMaskedLM
+        teacher = cls.from_pretrained(spec).to(_device()).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        if tokenizer_hash(load_tokenizer(spec)) != self.source["tokenizer_hash"]:
+            raise UserError(f"teacher.model: {spec} uses another tokenizer than the student "
+                            f"'{self.recipe.model.name}'")
+        if self.store is not None:
+            theirs = (self.store.header.get("teacher") or {}).get("weights_sha256")
+            if theirs != sha256_file(spec / "model.safetensors"):
+                raise UserError(f"teacher.model: {spec} is not the teacher that labeled {self.store.directory} "
+                                f"(weights sha256 {str(theirs)[:12]}..); re-label, or drop teacher.model")
+        self.source["online_teacher"] = str(spec)
+        return teacher
+
+    def _transfer(self, where: str) -> tuple[TransferSection, list[tuple[str, int]]]:
+        """The transfer set: the recipe's, else the one the store was labeled on; checked against the store."""
+        t = self.recipe.data.transfer
+        if t is None and self.store is not None:
+            t = from_dict(TransferSection, self.store.header["config"]["transfer"],
+                          f"{self.store.directory}/manifest.json")
+        if t is None:
+            raise UserError(f"{where}: data.transfer is required with an online teacher and no store")
+        fingerprint = transfer_fingerprint(t)
+        if self.store is not None:
+            self.store.check_compatible(self.source["tokenizer_hash"], fingerprint, where)
+        examples = list(transfer_examples(t))
+        if self.store is not None and len(examples) != len(self.store):
+            raise UserError(f"{where}: the transfer set has {len(examples)} examples, the store "
+                            f"{self.store.directory} {len(self.store)}")
+        self.source["transfer_fingerprint"] = fingerprint
+        return t, examples
+
+    def _build_classification(self, where: str) -> torch.nn.Module:
+        from trainer.models.classify import load_classifier
+        from trainer.models.distillation import pkd_layer_map
+        from trainer.models.distiller import ClassifierDistiller
+
+        data, loss, model = self.recipe.data, self.recipe.loss, self.recipe.model
+        _, examples = self._transfer(where)
+        label_cfg = self.store.header.get("config", {}).get("output", {}) if self.store is not None else {}
+        max_len = data.max_seq_len or label_cfg.get("max_seq_len", 128)
+        self.max_len = max_len
+        self.pad_id = special_ids(self.tokenizer).pad
+        rows = [Example(text, None, gold, "transfer") for text, gold in examples]
+        self.encoded: Encoded = encode(rows, self.tokenizer, max_len, regression=False)
+        num_classes = self.store.num_classes if self.store is not None else self.teacher.config.num_labels
+        self.hf = load_classifier(model.name, num_classes, model.dropout, model.attention,
+                                  self.tokenizer.get_vocab_size())
+        student_layers: list[int] = []
+        if loss.beta > 0:
+            if self.teacher is None:
+                raise UserError(f"{where}: loss.beta > 0 (Patient KD) needs teacher.model for the [CLS] states")
+            pairs = pkd_layer_map(self.teacher.config.num_hidden_layers, self.hf.config.num_hidden_layers,
+                                  loss.pkd_scheme)
+            student_layers = [s for s, _ in pairs]
+            self.teacher_layers = [t for _, t in pairs]
+            self.source["pkd_map"] = pairs
+        self.eval_enc = None
+        if data.eval_task:
+            self.task = resolve_task(data.eval_task)
+            self.eval_enc, _ = load_task_data(self.task, data.eval_split, data.data_root, self.tokenizer, max_len)
+        return ClassifierDistiller(self.hf, self.t, loss.alpha, loss.beta, student_layers)
+
+    def _build_mlm(self, where: str) -> torch.nn.Module:
+        from trainer.data.indexed import TokenShards
+        from trainer.data.masking import MaskSpec
+        from trainer.models.distillation import HiddenProjection
+        from trainer.models.distiller import MLMDistiller
+        from trainer.models.mlm import build_mlm
+
+        data, loss, model = self.recipe.data, self.recipe.loss, self.recipe.model
+        vocab = self.tokenizer.get_vocab_size()
+        if self.store is None:
+            if not data.corpus:
+                raise UserError(f"{where}: MLM distillation needs data.corpus (online teacher) or an MLM data.store")
+            self.corpus = TokenShards(data.corpus, verify=data.verify)
+            if self.corpus.tokenizer_hash != self.source["tokenizer_hash"]:
+                raise UserError(f"{data.corpus}: tokenized with another tokenizer than the student's")
+        elif loss.a_mlm > 0 or loss.a_cos > 0:
+            raise UserError(f"{where}: an offline MLM store holds the teacher's top-k at its (already masked) inputs; "
+                            "the MLM and cosine terms need data.corpus and teacher.model (set loss.a_mlm=0 "
+                            "loss.a_cos=0 to distil from the store alone)")
+        else:
+            self.store.check_compatible(self.source["tokenizer_hash"], None, where)
+        self.spec = MaskSpec(vocab_size=vocab, specials=special_ids(self.tokenizer), mask_prob=data.mask_prob)
+        self.special = self.spec.special_table()
+        self.max_len = data.max_seq_len or 512
+        self.hf = build_mlm(model.name, vocab, model.dropout, model.max_position, model.attention)
+        projection = None
+        if loss.a_cos > 0:
+            if self.teacher is None:
+                raise UserError(f"{where}: loss.a_cos > 0 needs teacher.model (the teacher's hidden states)")
+            hs, ht = self.hf.config.hidden_size, self.teacher.config.hidden_size
+            if hs != ht and not loss.projection:
+                raise UserError(f"{where}: the cosine term compares hidden states, but the student is {hs} wide and "
+                                f"the teacher {ht}: set loss.projection=true (a learned projection) or loss.a_cos=0")
+            projection = HiddenProjection(hs, ht) if hs != ht else None
+        self.eval_corpus = TokenShards(data.eval_corpus, verify=data.verify) if data.eval_corpus else None
+        return MLMDistiller(self.hf, self.t, loss.a_ce, loss.a_mlm if self.store is None else 0.0, loss.a_cos,
+                            projection)
+
+    def make_order(self, global_batch: int, env: DistEnv) -> BatchOrder:
+        seed = self.recipe.train.seed
+        if self.store is not None:
+            return StoreSampler(len(self.store), global_batch, env.rank, env.world_size, seed)
+        if self.kind == "mlm":
+            return BatchOrder(len(self.corpus), global_batch, env.rank, env.world_size, seed,
+                              what=str(self.corpus.directory))
+        return StoreSampler(len(self.encoded), global_batch, env.rank, env.world_size, seed)
+
+    # -- each step
+    def micro_batches(self, items: np.ndarray, epoch: int, accumulation: int) -> list[dict[str, torch.Tensor]]:
+        chunks = np.array_split(items, accumulation)
+        return [self._classification_batch(c) if self.kind == "classification" else self._mlm_batch(c, epoch)
+                for c in chunks]
+
+    def _filler(self, chunk: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        """A rank left without examples still runs a forward (zero weight) so ranks stay in step."""
+        if len(chunk):
+            return chunk, torch.ones(len(chunk))
+        return np.zeros(1, dtype=np.int64), torch.zeros(1)
+
+    def _classification_batch(self, chunk: np.ndarray) -> dict[str, torch.Tensor]:
+        idx, weight = self._filler(chunk)
+        if self.store is not None:
+            labels = self.store.batch(idx)
+            rows = labels["example_ids"]
+            teacher_logits, gold = torch.from_numpy(labels["logits"]), torch.from_numpy(labels["gold"])
+        else:
+            rows, teacher_logits, gold = idx, None, torch.from_numpy(self.encoded.labels[idx])
+        batch = collate(self.encoded, rows, self.pad_id)
+        batch.pop("labels", None)
+        batch.update(weight=weight, gold=gold)
+        if self.teacher is not None:
+            with torch.no_grad():
+                dev = _device()
+                out = self.teacher(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                                   token_type_ids=batch["token_type_ids"].to(dev),
+                                   output_hidden_states=self.recipe.loss.beta > 0)
+            if teacher_logits is None:
+                teacher_logits = out.logits.float().cpu()
+            if self.recipe.loss.beta > 0:
+                batch["teacher_cls"] = torch.stack([out.hidden_states[t][:, 0] for t in self.teacher_layers],
+                                                   dim=1).float().cpu()
+        batch["teacher_logits"] = teacher_logits
+        return batch
+
+    def _mlm_batch(self, chunk: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
+        from trainer.data.masking import mlm_batch
+
+        idx, weight = self._filler(chunk)
+        if self.store is not None:
+            got = self.store.batch(idx)
+            mask = torch.from_numpy(got["attention_mask"])
+            flat = torch.nonzero(mask.reshape(-1), as_tuple=True)[0]
+            k = got["topk_ids"].shape[-1]
+            return {"input_ids": torch.from_numpy(got["input_ids"]), "attention_mask": mask, "weight": weight,
+                    "kd_positions": flat,
+                    "topk_ids": torch.from_numpy(got["topk_ids"]).reshape(-1, k).index_select(0, flat),
+                    "topk_logprobs": torch.from_numpy(got["topk_logprobs"]).reshape(-1, k).index_select(0, flat)}
+        seed = self.recipe.train.seed
+        batch = mlm_batch([self.corpus[int(i)] for i in idx], [(seed, epoch, int(i)) for i in idx], self.spec,
+                          self.special)
+        mask = batch["attention_mask"]
+        if self.recipe.loss.kd_positions == "masked":
+            batch["kd_positions"] = batch["mlm_positions"]
+        else:
+            batch["kd_positions"] = torch.nonzero(mask.reshape(-1), as_tuple=True)[0]
+        with torch.no_grad():
+            dev = _device()
+            out = self.teacher(input_ids=batch["input_ids"].to(dev), attention_mask=mask.to(dev),
+                               output_hidden_states=self.recipe.loss.a_cos > 0)
+        logits = out.logits.float().cpu()
+        batch["teacher_logits"] = logits.reshape(-1, logits.shape[-1]).index_select(0, batch["kd_positions"])
+        if self.recipe.loss.a_cos > 0:
+            batch["teacher_hidden"] = out.hidden_states[-1].float().cpu()
+        batch["weight"] = weight
+        return batch
+
+    def count(self, micro: list[dict[str, torch.Tensor]]) -> float:
+        if self.kind == "classification":
+            return float(sum(b["weight"].sum() for b in micro))
+        return float(sum((b["weight"].repeat_interleave(b["attention_mask"].shape[1])
+                          .index_select(0, b["kd_positions"]) > 0).sum() for b in micro))
+
+    def step_scalars(self, sums: dict[str, float], count: float) -> dict[str, float]:
+        out = {name: sums[name] / count for name in ("kd", "ce", "pkd", "mlm", "cos") if name in sums}
+        if "agree" in sums:
+            out["teacher_agreement"] = sums["agree"] / count
+        if sums.get("labeled"):
+            out["gold_acc"] = sums["correct"] / sums["labeled"]
+        if sums.get("masked"):
+            out["mlm_acc"] = sums["correct"] / sums["masked"]
+        return out
+
+    # -- evaluation and output
+    def evaluate(self, trainer: Trainer) -> dict[str, float] | None:
+        if self.kind == "classification":
+            if self.eval_enc is None:
+                return None
+            from trainer.data.task_metrics import compute_metrics
+            from trainer.models.classify import predict
+
+            logits = predict(trainer.engine.module, self.eval_enc, trainer.env, self.recipe.data.eval_batch_size,
+                             self.pad_id)
+            return compute_metrics(self.task, logits.argmax(-1), self.eval_enc.labels)
+        if self.eval_corpus is None:
+            return None
+        from trainer.stages.evaluate_mlm import evaluate_mlm
+
+        spec = dataclasses.replace(self.spec, mask_prob=0.15)
+        return evaluate_mlm(trainer.engine, self.eval_corpus, spec, trainer.env, self.recipe.train.micro_batch,
+                            self.recipe.data.eval_max_sequences, 1234)
+
+    def hf_tokenizer(self):
+        return hf_tokenizer(self.tokenizer, min(self.max_len, 512))
+
+    def export_info(self, trainer: Trainer, final_metrics: dict[str, float] | None) -> dict:
+        return {"stage": self.name, "step": trainer.state.step, "kind": self.kind, "temperature": self.t,
+                "metrics": final_metrics, "source": self.source,
+                "labels": getattr(getattr(self, "task", None), "labels", None)}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_recipe_arguments(p)
+
+
+def main(args: argparse.Namespace) -> int:
+    return run_stage(DistillRecipe, Distill, args.recipe, args.overrides)
