@@ -29,7 +29,8 @@ def test_named_ds_configs_merge_with_the_recipe(name):
     base, path = load_ds_config(name)
     train = TrainSection(micro_batch=8, global_batch=64, clip=5.0)
     plan = batch_plan(train, world_size=2)
-    cfg = build_ds_config(base, path, train, plan)
+    cfg = build_ds_config(base, path, train, plan, hidden_size=768)  # "auto" ZeRO sizes follow the model
+    assert "auto" not in json.dumps(cfg)
     assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == \
            (64, 8, 4)
     assert cfg["gradient_clipping"] == 5.0

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "label": ("trainer.stages.label", "pre-compute teacher soft labels into a sharded store"),
     "evaluate": ("trainer.stages.evaluate", "evaluate a classifier on a labeled task (metrics JSON)"),
     "evaluate-mlm": ("trainer.stages.evaluate_mlm", "masked-token loss and accuracy of a model on held-out text"),
+    "plan-memory": ("trainer.stages.plan_memory", "per-rank memory of a model at each ZeRO stage, before a job"),
     "init-student": ("trainer.stages.init_student", "a shallower student copied from chosen teacher layers"),
 }
 

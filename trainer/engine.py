@@ -7,9 +7,14 @@ that sets one of the recipe's keys to another value is an error naming both file
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import gc
 import json
 import math
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +22,7 @@ from typing import Any
 import torch
 
 from trainer.errors import UserError
-from trainer.recipe import TrainSection
+from trainer.recipe import EngineSection, TrainSection
 
 RECIPE_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                 "gradient_clipping")
@@ -60,9 +65,42 @@ def batch_plan(train: TrainSection, world_size: int, where: str = "recipe") -> B
     return BatchPlan(train.micro_batch, train.global_batch // per_step, world_size)
 
 
+# "auto" ZeRO sizes, as functions of the model's hidden size h. The first three are transformers' own
+# (`HfTrainerDeepSpeedConfig.trainer_config_finalize`); DeepSpeed's defaults for the last four (5e8 / 1e9 elements)
+# keep every parameter of a sub-billion model gathered at ZeRO-3 and allocate multi-GB buckets. A BERT layer has
+# ~12 h^2 parameters, so 30 h^2 keeps about two layers live ahead and reused, and bounds the fp32 gradient copy the
+# ZeRO-3 optimizer flattens per sub-group.
+AUTO_SIZES: dict[str, Callable[[int], int]] = {
+    "reduce_bucket_size": lambda h: h * h,
+    "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+    "stage3_param_persistence_threshold": lambda h: 10 * h,
+    "allgather_bucket_size": lambda h: 10 * h * h,
+    "stage3_max_live_parameters": lambda h: 30 * h * h,
+    "stage3_max_reuse_distance": lambda h: 30 * h * h,
+    "sub_group_size": lambda h: 30 * h * h,
+}
+
+
+def resolve_auto(cfg: dict[str, Any], hidden_size: int | None, where: str) -> dict[str, Any]:
+    """Fill every "auto" size in `zero_optimization` for a model of `hidden_size` (in place; -> cfg)."""
+    zero = cfg.get("zero_optimization", {})
+    autos = [k for k, v in zero.items() if v == "auto"]
+    unknown = [k for k in autos if k not in AUTO_SIZES]
+    if unknown:
+        raise UserError(f"{where}: zero_optimization.{unknown[0]} cannot be \"auto\" "
+                        f"(keys that can: {', '.join(AUTO_SIZES)})")
+    if autos and not hidden_size:
+        raise UserError(f"{where}: zero_optimization.{autos[0]} is \"auto\" but the model's hidden size is unknown; "
+                        "give a number")
+    for key in autos:
+        zero[key] = AUTO_SIZES[key](hidden_size)
+    return cfg
+
+
 def build_ds_config(base: dict[str, Any], base_path: Path, train: TrainSection, plan: BatchPlan,
-                    where: str = "recipe") -> dict[str, Any]:
+                    where: str = "recipe", hidden_size: int | None = None) -> dict[str, Any]:
     cfg = json.loads(json.dumps(base))
+    resolve_auto(cfg, hidden_size, str(base_path))
     wanted = {
         "train_batch_size": plan.global_batch,
         "train_micro_batch_size_per_gpu": plan.micro_batch,
@@ -115,12 +153,14 @@ class GuardedAdamW(torch.optim.AdamW):
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases and LayerNorm weights (BERT convention)."""
+    """No weight decay on biases and LayerNorm weights (BERT convention). A parameter partitioned at construction
+    (ZeRO-3) holds an empty tensor: its shape is `ds_shape`."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "LayerNorm" in name or name.endswith(".bias") else decay).append(p)
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        (no_decay if ndim < 2 or "LayerNorm" in name or name.endswith(".bias") else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -153,20 +193,133 @@ def lr_lambda(train: TrainSection):
     return f
 
 
-def initialize(model: torch.nn.Module, train: TrainSection, ds_name: str, world_size: int, where: str):
-    """-> (DeepSpeed engine, resolved DeepSpeed config, batch plan)."""
-    import deepspeed
+def configure_kernels(engine: EngineSection) -> None:
+    """Apply a recipe's engine section to the kernel dispatch (the only link between recipes and kernels/)."""
+    from kernels import dispatch
 
+    dispatch.configure(use_triton=engine.kernels, compile_reference=engine.compile_reference)
+
+
+def model_hidden_size(model: torch.nn.Module) -> int | None:
+    """hidden_size of the first Hugging Face config found in the module tree (what "auto" sizes follow)."""
+    for module in model.modules():
+        size = getattr(getattr(module, "config", None), "hidden_size", None)
+        if isinstance(size, int):
+            return size
+    return None
+
+
+def engine_config(ds_name: str, train: TrainSection, world_size: int, where: str,
+                  hidden_size: int | None) -> tuple[dict[str, Any], BatchPlan]:
+    """The DeepSpeed config a stage runs with, resolved before the model exists (ZeRO-3 builds the model
+    partitioned from it): the recipe's batch keys merged in and every "auto" size filled for `hidden_size`."""
     base, path = load_ds_config(ds_name)
     plan = batch_plan(train, world_size, where)
-    cfg = build_ds_config(base, path, train, plan, where)
-    dtype = precision(cfg)
-    if dtype == torch.float16 and not torch.cuda.is_available():
+    cfg = build_ds_config(base, path, train, plan, where, hidden_size)
+    if precision(cfg) == torch.float16 and not torch.cuda.is_available():
         raise UserError(f"{path}: fp16 needs a GPU; on CPU use the fp32 config (e.g. zero2)")
-    optimizer = make_optimizer(model, train, cfg)
+    return cfg, plan
+
+
+@contextlib.contextmanager
+def partitioned_construction(ds_cfg: dict[str, Any]) -> Iterator[None]:
+    """Inside, Hugging Face models built with `from_config` / `from_pretrained` are partitioned over the ranks
+    as each module is created (ZeRO-3 only; a no-op at stages 0-2), so no rank ever holds the whole model.
+
+    This is transformers' own DeepSpeed integration (`HfDeepSpeedConfig` -> `deepspeed.zero.Init`, weights
+    initialised or loaded module by module under `GatheredParameters`). Constructing a model class directly
+    (`BertForMaskedLM(cfg)`) bypasses it: build with `from_config` / `_from_config` instead.
+    """
+    if zero_stage(ds_cfg) != 3:
+        yield
+        return
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    if not deepspeed.comm.is_initialized():  # zero.Init reads the world size from deepspeed.comm
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend() if torch.distributed.is_initialized()
+                                   else None, auto_mpi_discovery=False)
+    keep = HfDeepSpeedConfig(ds_cfg)  # transformers holds only a weak reference: keep it alive while inside
+    try:
+        yield
+    finally:
+        del keep
+        unset_hf_deepspeed_config()
+
+
+def build_model(fn: Callable[[], torch.nn.Module], ds_cfg: dict[str, Any]) -> torch.nn.Module:
+    """`fn()` under `partitioned_construction(ds_cfg)`, then the build's scratch memory handed back to the OS."""
+    with partitioned_construction(ds_cfg):
+        model = fn()
+    release_host_memory(collect=True)
+    return model
+
+
+def initialize(model: torch.nn.Module, train: TrainSection, ds_name: str, world_size: int, where: str,
+               ds_cfg: dict[str, Any] | None = None):
+    """-> (DeepSpeed engine, resolved DeepSpeed config, batch plan). Pass `ds_cfg` from `engine_config` when the
+    model was built with `build_model` (the same config must partition and train it)."""
+    import deepspeed
+
+    if ds_cfg is None:
+        ds_cfg, plan = engine_config(ds_name, train, world_size, where, model_hidden_size(model))
+    else:
+        plan = batch_plan(train, world_size, where)
+    optimizer = make_optimizer(model, train, ds_cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg)
-    return engine, cfg, plan
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+    if zero_stage(ds_cfg) == 3 or offloads(ds_cfg):
+        _release_after_updates(engine)
+    release_host_memory(collect=True)
+    return engine, ds_cfg, plan
+
+
+def _release_after_updates(engine) -> None:
+    """Every ZeRO-3 step gathers and frees whole layers (offload stages them through host memory): hand the
+    freed pages back after each update, so the resident set follows live memory, not its high-water mark.
+    One `malloc_trim` per optimizer step costs milliseconds against steps of a model large enough for ZeRO-3."""
+    step = engine.step
+
+    def step_and_release(*args, **kwargs):
+        boundary = engine.is_gradient_accumulation_boundary()
+        out = step(*args, **kwargs)
+        if boundary:
+            release_host_memory()
+        return out
+
+    engine.step = step_and_release
+
+
+def offloads(cfg: dict[str, Any]) -> bool:
+    zero = cfg.get("zero_optimization", {})
+    return any(zero.get(k, {}).get("device") in ("cpu", "nvme") for k in ("offload_optimizer", "offload_param"))
+
+
+_LIBC: Any = None
+
+
+def release_host_memory(collect: bool = False) -> bool:
+    """Return freed heap pages to the OS (glibc `malloc_trim(0)`); False where the C library has no such call.
+
+    glibc keeps freed memory in its arenas (and raises its mmap threshold up to 32 MB after a large free),
+    so without this the resident set of a ZeRO-3 rank keeps the high-water mark of every gather and build
+    scratch buffer, and a host that runs several ranks (or CPU offload) runs out long before live memory does.
+    Called where gathers end: after the model build, engine set-up, every ZeRO-3/offload update and export.
+    """
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if not _LIBC:
+        return False
+    if collect:  # drop cycles first (a model built and discarded), so their storages are freed before the trim
+        gc.collect()
+    _LIBC.malloc_trim(0)
+    return True
 
 
 def grad_norm(engine) -> float | None:

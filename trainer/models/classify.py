@@ -23,7 +23,7 @@ from trainer.data.encoding import Encoded, collate
 from trainer.errors import UserError
 from trainer.fileio import atomic_rename_dir
 from trainer.launcher import DistEnv
-from trainer.models.zoo import bert_config, resolve
+from trainer.models.zoo import bert_config, fresh_model, resolve
 
 CONVERTED_PREFIX = ".hf-"  # temporary Hugging Face copies of a checkpoint, beside it while ranks load them
 
@@ -84,9 +84,8 @@ def load_classifier(name: str, num_labels: int, dropout: float | None = None, at
     cfg = bert_config(name, vocab_size=vocab_size, dropout=dropout)
     cfg.num_labels = num_labels
     cfg.problem_type = "regression" if num_labels == 1 else "single_label_classification"
-    if not isinstance(spec, Path):
-        cfg._attn_implementation = attention
-        return fuse_bert(BertForSequenceClassification(cfg))
+    if not isinstance(spec, Path):  # fresh_model: partitioned under ZeRO-3, same weights at every stage
+        return fuse_bert(fresh_model(BertForSequenceClassification, cfg, attention))
     with hf_view(spec) as hf_dir:
         model = BertForSequenceClassification.from_pretrained(hf_dir, config=cfg, attn_implementation=attention)
     return fuse_bert(model)

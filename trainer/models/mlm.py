@@ -15,19 +15,22 @@ from transformers import BertConfig, BertForMaskedLM
 
 from kernels.patch import fuse_bert
 from trainer.models.losses import mlm_loss_sum
-from trainer.models.zoo import bert_config, resolve
+from trainer.models.zoo import bert_config, fresh_model, pretrained_model, resolve
 
 
 def build_mlm(name: str, vocab_size: int, dropout: float | None = None, max_position: int = 512,
               attention: str = "sdpa") -> BertForMaskedLM:
-    """Fresh weights for a preset; pretrained weights (MLM head fresh if absent) for a local directory."""
+    """Fresh weights for a preset; pretrained weights (MLM head fresh if absent) for a local directory.
+
+    Under `trainer.engine.partitioned_construction` (ZeRO-3) the model is partitioned as it is built; a fresh
+    model has the same weights for a given seed at every ZeRO stage (see `zoo.fresh_model`).
+    """
     cfg: BertConfig = bert_config(name, vocab_size=vocab_size, max_position=max_position, dropout=dropout)
     spec = resolve(name)
     if isinstance(spec, Path):
-        model = BertForMaskedLM.from_pretrained(spec, config=cfg, attn_implementation=attention)
+        model = pretrained_model(BertForMaskedLM, spec, cfg, attention)
     else:
-        cfg._attn_implementation = attention
-        model = BertForMaskedLM(cfg)
+        model = fresh_model(BertForMaskedLM, cfg, attention)
     return fuse_bert(model)  # LayerNorm and bias+GELU through the kernel dispatch; same parameters
 
 

@@ -9,10 +9,14 @@ import argparse
 import importlib.resources
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from transformers import BertConfig
 
 from trainer.errors import UserError
+
+if TYPE_CHECKING:  # torch loads lazily: `wellread models` stays fast
+    from transformers import PreTrainedModel
 
 DEFAULT_VOCAB_SIZE = 30522
 STUDENT_LAYERS = (2, 4, 6, 8, 10, 12)
@@ -109,6 +113,36 @@ def bert_config(name_or_path: str, vocab_size: int = DEFAULT_VOCAB_SIZE, max_pos
         cfg.hidden_dropout_prob = dropout
         cfg.attention_probs_dropout_prob = dropout
     return cfg
+
+
+def fresh_model(cls: type[PreTrainedModel], cfg: BertConfig, attention: str = "sdpa") -> PreTrainedModel:
+    """A model of class `cls` with fresh weights, whose values do not depend on the ZeRO stage.
+
+    Under ZeRO-3 (`trainer.engine.partitioned_construction`) `from_config` builds the model partitioned, with
+    torch's construction-time init switched off, then initialises module by module, on rank 0, in module order
+    (`initialize_weights_zero3`). Elsewhere the model is built the same way: construction without init, then
+    `initialize_weights()` in the same order and tying, so the same seed gives the same weights at every stage
+    (a plain `cls(cfg)` would first draw torch's default init and shift the random stream).
+    """
+    import torch
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        return cls._from_config(cfg, attn_implementation=attention)
+    from transformers.initialization import guard_torch_init_functions, no_init_weights
+
+    with no_init_weights():
+        model = cls._from_config(cfg, attn_implementation=attention)
+    with torch.no_grad(), guard_torch_init_functions():
+        model.initialize_weights()
+    model.tie_weights()
+    return model
+
+
+def pretrained_model(cls: type[PreTrainedModel], path: Path, cfg: BertConfig, attention: str = "sdpa"
+                     ) -> PreTrainedModel:
+    """`cls.from_pretrained`; partitioned while it loads under ZeRO-3 (transformers gathers module by module)."""
+    return cls.from_pretrained(path, config=cfg, attn_implementation=attention)
 
 
 def parameter_counts(cfg: BertConfig) -> dict[str, int]:
