@@ -36,6 +36,7 @@ from trainer.fileio import (
     atomic_write_bytes,
     atomic_write_json,
     fsync_dir,
+    fsync_tree,
     read_json,
 )
 from trainer.launcher import DistEnv, barrier
@@ -82,14 +83,6 @@ def latest(root: Path) -> dict[str, Any] | None:
     return read_json(path, "checkpoint pointer") if path.is_file() else None
 
 
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    fsync_dir(directory)
-
-
 def save(engine, root: Path, step: int, env: DistEnv, rank_state: dict[str, Any],
          client_state: dict[str, Any], keep: int = 2, pause_before_publish: float = 0.0,
          files: dict[str, str] | None = None) -> Path:
@@ -119,7 +112,7 @@ def save(engine, root: Path, step: int, env: DistEnv, rank_state: dict[str, Any]
     if pause_before_publish:
         time.sleep(pause_before_publish)
     if env.is_main:
-        _fsync_tree(root / tmp_tag)
+        fsync_tree(root / tmp_tag)
         final = root / tag
         if final.exists():  # an unpublished leftover of a save killed between rename and latest.json
             shutil.rmtree(final)
@@ -187,7 +180,7 @@ def export_hf(engine, hf_model, tokenizer, out_dir: Path, env: DistEnv, extra_fi
             tokenizer.save_pretrained(tmp)
         for name, obj in (extra_files or {}).items():
             atomic_write_json(tmp / name, obj)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         publish_dir(tmp, out_dir)
     barrier()
     return out_dir

@@ -25,6 +25,15 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def fsync_tree(directory: str | os.PathLike) -> None:
+    """fsync every file below `directory`, then the directory: before a finished tree is renamed into place."""
+    for path in Path(directory).rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(directory)
+
+
 def tmp_name(path: str | os.PathLike) -> Path:
     path = Path(path)
     return path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")

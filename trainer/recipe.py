@@ -72,3 +72,15 @@ class DebugSection:
     nan_at_steps: list[int] = field(default_factory=list)  # make the loss NaN at these optimizer steps
     step_sleep: float = 0.0  # seconds to sleep after each step (kill drills need a slow run)
     checkpoint_sleep: float = 0.0  # seconds to sleep inside a save, before it is published
+
+
+@dataclass
+class StageRecipe:
+    """The sections every training stage shares; a stage's recipe adds its `data` (and other) sections
+    and may redeclare a section to change its defaults."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    engine: EngineSection = field(default_factory=EngineSection)
+    run: RunSection = field(default_factory=RunSection)
+    debug: DebugSection = field(default_factory=DebugSection)

@@ -44,7 +44,7 @@ from trainer.errors import UserError
 from trainer.fileio import atomic_write_json, sha256_file
 from trainer.launcher import DistEnv
 from trainer.loop import Stage, Trainer, run_stage
-from trainer.recipe import DebugSection, EngineSection, ModelSection, RunSection, TrainSection
+from trainer.recipe import RunSection, StageRecipe, TrainSection
 
 
 @dataclass
@@ -88,16 +88,15 @@ class LossSection:
 
 
 @dataclass
-class DistillRecipe:
+class DistillRecipe(StageRecipe):
+    """`model.name` is the student's start: a preset (random init: the KD baseline) or a pre-training run (PD)."""
+
     data: DistillData = field(default_factory=DistillData)
     teacher: TeacherSection = field(default_factory=TeacherSection)
     loss: LossSection = field(default_factory=LossSection)
-    model: ModelSection = field(default_factory=ModelSection)  # the student's start: preset (KD) or a run (PD)
     train: TrainSection = field(default_factory=lambda: TrainSection(steps=0, epochs=1.0, lr=1e-4,
                                                                       micro_batch=32, global_batch=32))
-    engine: EngineSection = field(default_factory=EngineSection)
     run: RunSection = field(default_factory=lambda: RunSection(out_dir="runs/distill"))
-    debug: DebugSection = field(default_factory=DebugSection)
 
     def validate(self) -> None:
         if not (self.data.store or self.teacher.model):

@@ -24,7 +24,7 @@ from trainer.data.tokenization import hf_tokenizer, load_tokenizer, special_ids
 from trainer.launcher import DistEnv
 from trainer.loop import Stage, Trainer, run_stage
 from trainer.models.classify import Classifier, load_classifier, predict
-from trainer.recipe import DebugSection, EngineSection, ModelSection, RunSection, TrainSection
+from trainer.recipe import ModelSection, RunSection, StageRecipe, TrainSection
 
 
 @dataclass
@@ -40,14 +40,12 @@ class FinetuneData:
 
 
 @dataclass
-class FinetuneRecipe:
+class FinetuneRecipe(StageRecipe):
     data: FinetuneData = field(default_factory=FinetuneData)
     model: ModelSection = field(default_factory=lambda: ModelSection(name="minilm"))
     train: TrainSection = field(default_factory=lambda: TrainSection(steps=0, epochs=3.0, lr=5e-5,
                                                                       micro_batch=32, global_batch=32))
-    engine: EngineSection = field(default_factory=EngineSection)
     run: RunSection = field(default_factory=lambda: RunSection(out_dir="runs/finetune"))
-    debug: DebugSection = field(default_factory=DebugSection)
 
 
 def tokenizer_for(model_name: str):

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from trainer.errors import UserError
-from trainer.fileio import atomic_write_json, fsync_dir
+from trainer.fileio import atomic_write_json, fsync_tree
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "added_tokens.json")
@@ -120,14 +120,6 @@ def build_student(model_dir: Path, layers: list[int], seed: int = 0):
     return student, fresh
 
 
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    fsync_dir(directory)
-
-
 def main(args: argparse.Namespace) -> int:
     from trainer.checkpoint import publish_dir
     from trainer.models.zoo import bert_config, resolve
@@ -157,7 +149,7 @@ def main(args: argparse.Namespace) -> int:
         info = {"stage": "init-student", "teacher": str(teacher_dir), "teacher_layers": layers,
                 "teacher_num_layers": n_teacher, "mlm_head": "fresh" if fresh else "copied", "seed": args.seed}
         atomic_write_json(tmp / "wellread.json", info)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -25,7 +25,7 @@ from trainer.errors import UserError
 from trainer.launcher import DistEnv
 from trainer.loop import Stage, Trainer, run_stage
 from trainer.models.mlm import SparseMLM, build_mlm
-from trainer.recipe import DebugSection, EngineSection, ModelSection, RunSection, TrainSection
+from trainer.recipe import StageRecipe
 from trainer.runlog import peak_flops, transformer_flops
 from trainer.stages.evaluate_mlm import evaluate_mlm
 
@@ -49,13 +49,8 @@ class PretrainData:
 
 
 @dataclass
-class PretrainRecipe:
+class PretrainRecipe(StageRecipe):
     data: PretrainData = field(default_factory=PretrainData)
-    model: ModelSection = field(default_factory=ModelSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    engine: EngineSection = field(default_factory=EngineSection)
-    run: RunSection = field(default_factory=RunSection)
-    debug: DebugSection = field(default_factory=DebugSection)
 
 
 
