@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("trainer.stages.finetune", "fine-tune on a labeled task"),
     "label": ("trainer.stages.label", "pre-compute teacher soft labels into a sharded store"),
     "evaluate": ("trainer.stages.evaluate", "evaluate a classifier on a labeled task (metrics JSON)"),
+    "distill": ("trainer.stages.distill", "distil a student from soft labels or an online teacher"),
     "evaluate-mlm": ("trainer.stages.evaluate_mlm", "masked-token loss and accuracy of a model on held-out text"),
     "plan-memory": ("trainer.stages.plan_memory", "per-rank memory of a model at each ZeRO stage, before a job"),
     "init-student": ("trainer.stages.init_student", "a shallower student copied from chosen teacher layers"),

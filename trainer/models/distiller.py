@@ -24,6 +24,7 @@ from trainer.models.distillation import (
     sparse_kd_loss_sum,
 )
 from trainer.models.losses import mlm_loss_sum
+from trainer.models.mlm import register_head
 
 
 def _mask(attention_mask: torch.Tensor) -> torch.Tensor | None:
@@ -84,14 +85,7 @@ class MLMDistiller(nn.Module):
         super().__init__()
         self.hf, self.t, self.a_ce, self.a_mlm, self.a_cos = hf, temperature, a_ce, a_mlm, a_cos
         self.projection = projection
-        predictions = hf.cls.predictions
-        try:  # ZeRO-3 must gather the tied decoder weight for our forward, which uses it directly
-            import deepspeed
-
-            deepspeed.zero.register_external_parameter(self, predictions.decoder.weight)
-            deepspeed.zero.register_external_parameter(self, predictions.bias)
-        except ImportError:
-            pass
+        register_head(self, hf)
 
     def _vocab_logits(self, hidden_rows: torch.Tensor) -> torch.Tensor:
         p = self.hf.cls.predictions

@@ -34,6 +34,17 @@ def build_mlm(name: str, vocab_size: int, dropout: float | None = None, max_posi
     return fuse_bert(model)  # LayerNorm and bias+GELU through the kernel dispatch; same parameters
 
 
+def register_head(module: nn.Module, hf: BertForMaskedLM) -> None:
+    """ZeRO-3 must gather the tied decoder weight and bias for a forward that uses them directly."""
+    try:
+        import deepspeed
+    except ImportError:
+        return
+    predictions = hf.cls.predictions
+    deepspeed.zero.register_external_parameter(module, predictions.decoder.weight)
+    deepspeed.zero.register_external_parameter(module, predictions.bias)
+
+
 class SparseMLM(nn.Module):
     """forward(batch) -> (sum of masked-token losses, {"correct": argmax hits, "count": masked tokens,
     "tokens": non-padding tokens})."""
@@ -41,14 +52,7 @@ class SparseMLM(nn.Module):
     def __init__(self, hf: BertForMaskedLM):
         super().__init__()
         self.hf = hf
-        predictions = hf.cls.predictions
-        try:  # ZeRO-3 must gather the tied decoder weight for our forward, which uses it directly
-            import deepspeed
-
-            deepspeed.zero.register_external_parameter(self, predictions.decoder.weight)
-            deepspeed.zero.register_external_parameter(self, predictions.bias)
-        except ImportError:
-            pass
+        register_head(self, hf)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mlm_positions: torch.Tensor,
                 mlm_labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
