@@ -1,21 +1,38 @@
-"""Shared fixtures: real data locations, the shipped BERT tokenizer, small corpora."""
+"""Shared fixtures: data locations (shipped slices, the full data), the local Slurm cluster, the tokenizer.
+
+Tests marked ``realdata`` need the full data folder ($WELLREAD_DATA, default ../shared/data, the same
+variable the task loaders read); tests marked ``slurm`` need the private local cluster of
+tools/local_slurm.sh.  Without them those tests are skipped with a one-line reason, except under CI=true,
+where such a skip is a failure (CI must run everything).
+"""
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from trainer.data.tasks import default_data_root
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("WELLREAD_SHARED", ROOT.parent / "shared")).resolve()
+DATA = default_data_root().resolve()  # the full data: $WELLREAD_DATA or ../shared/data
+FIXTURE_DATA = ROOT / "tests" / "fixtures" / "data"  # real slices shipped with the repository
 DEMO_BOOKS = sorted((ROOT / "data" / "demo" / "books").glob("*.txt.gz"))
+# The Slurm tests talk only to the private cluster of tools/local_slurm.sh, never to a site's cluster.
+SLURM_DIR = Path(os.environ.get("WELLREAD_SLURM_DIR", "/tmp/wellread-slurm"))
+os.environ["SLURM_CONF"] = str(SLURM_DIR / "etc" / "slurm.conf")
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+IN_CI = os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+NEEDS = ("realdata", "slurm")  # markers whose skip is a failure under CI=true
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600,
@@ -29,11 +46,72 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     return proc
 
 
+def missing_real_data() -> str | None:
+    """Why the full data folder is unusable, or None."""
+    if not (DATA / "README.md").is_file():
+        return f"full data not found at {DATA} (set WELLREAD_DATA to the folder with glue/, imdb/, ...)"
+    return None
+
+
+@functools.cache
+def missing_slurm() -> str | None:
+    """Why the local two-node cluster cannot take jobs, or None."""
+    hint = "start it as root with `make slurm-up`"
+    if not shutil.which("sbatch"):
+        return f"no Slurm client installed ({hint}, after `tools/local_slurm.sh install`)"
+    if not Path(os.environ["SLURM_CONF"]).is_file():
+        return f"no local Slurm cluster: {os.environ['SLURM_CONF']} does not exist ({hint})"
+    try:
+        nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        return f"local Slurm cluster not answering (SLURM_CONF={os.environ['SLURM_CONF']}; {hint})"
+    states = dict(line.split() for line in nodes.stdout.splitlines() if len(line.split()) == 2)
+    if nodes.returncode != 0 or not {"n1", "n2"} <= set(states):
+        return f"local Slurm cluster not reachable (SLURM_CONF={os.environ['SLURM_CONF']}; {hint})"
+    down = sorted(n for n, s in states.items() if s.rstrip("*~#").startswith(("down", "drain", "fail")))
+    if down:
+        return f"local Slurm nodes {', '.join(down)} are down ({hint})"
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test using the real_data fixture is a realdata test (so `-m "not realdata"` deselects it)."""
+    for item in items:
+        if "real_data" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("realdata"):
+            item.add_marker("realdata")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("realdata") and (why := missing_real_data()):
+        pytest.skip(why)
+    if item.get_closest_marker("slurm") and (why := missing_slurm()):
+        pytest.skip(why)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Under CI=true a skipped realdata/slurm test fails, naming what is missing."""
+    outcome = yield
+    report = outcome.get_result()
+    marks = [m for m in NEEDS if item.get_closest_marker(m)]
+    if IN_CI and marks and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"CI=true: a {'/'.join(marks)} test may not be skipped: {reason.removeprefix('Skipped: ')}"
+
+
 @pytest.fixture(scope="session")
-def shared() -> Path:
-    if not (SHARED / "data" / "README.md").is_file():
-        pytest.fail(f"real data not found at {SHARED}/data (set WELLREAD_SHARED)")
-    return SHARED
+def real_data() -> Path:
+    """The full data folder (tests using it must be marked realdata)."""
+    if why := missing_real_data():
+        pytest.skip(why)
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def fixture_data() -> Path:
+    return FIXTURE_DATA
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import FIXTURE_DATA
 from distributed import metrics, run
 
 from trainer.data.sampling import BucketedOrder, Cursor
@@ -19,7 +20,7 @@ STEPS = 8
 def recipe(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ft") / "finetune.yaml"
     path.write_text(f"""
-data: {{task: sst2, max_train_examples: 512, eval_split: dev}}
+data: {{task: sst2, max_train_examples: 512, eval_split: dev, data_root: {FIXTURE_DATA}}}
 model: {{name: bert-L2-H128, dropout: 0.0}}
 train: {{steps: {STEPS}, micro_batch: 8, global_batch: 16, lr: 1.0e-3, warmup_steps: 1, seed: 3}}
 engine: {{ds_config: zero2}}
@@ -29,7 +30,7 @@ run: {{log_every: 4, eval_every: 4}}
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, recipe, shared) -> dict[str, Path]:
+def runs(tmp_path_factory, recipe) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ftruns")
     out = {"1rank": root / "one", "2rank": root / "two"}
     run(1, "finetune", str(recipe), f"run.out_dir={out['1rank']}")
@@ -72,20 +73,41 @@ def test_two_rank_evaluate_counts_every_example_once(runs, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     model = runs["1rank"] / "export"
-    run(1, "evaluate", "--model", str(model), "--task", "sst2", "--out", str(tmp_path / "one.json"))
-    run(2, "evaluate", "--model", str(model), "--task", "sst2", "--out", str(tmp_path / "two.json"))
+    data = ("--task", "sst2", "--data-root", str(FIXTURE_DATA))
+    run(1, "evaluate", "--model", str(model), *data, "--out", str(tmp_path / "one.json"))
+    run(2, "evaluate", "--model", str(model), *data, "--out", str(tmp_path / "two.json"))
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
-    assert one["examples"] == two["examples"] == 872 and two["ranks"] == 2
+    assert one["examples"] == two["examples"] == 301 and two["ranks"] == 2  # odd: unequal shares
     assert one["accuracy"] == two["accuracy"]
     final = json.loads((model / "wellread.json").read_text())["metrics"]
     assert final["accuracy"] == pytest.approx(one["accuracy"])
-    # and a plain transformers model agrees on the first dev sentence
+    # and plain transformers (its own tokenizer and model classes, one unpadded sentence at a time) gives
+    # the logits of our path (our tokenizer, length-sorted padded batches); fp32, only summation order differs
+    from transformers import AutoTokenizer
+
+    from trainer.data.encoding import load_task_data
+    from trainer.data.tasks import resolve_task
+    from trainer.data.tokenization import load_tokenizer, special_ids
+    from trainer.launcher import DistEnv
+    from trainer.models.classify import Classifier, predict
+
     hf = AutoModelForSequenceClassification.from_pretrained(model)
-    assert hf.config.num_labels == 2
+    tok = load_tokenizer(model)
+    enc, loaded = load_task_data(resolve_task("sst2"), "dev", FIXTURE_DATA, tok, 128)
+    ours = predict(Classifier(hf), enc, DistEnv(), 64, special_ids(tok).pad)
+    assert float((ours.argmax(-1) == enc.labels).mean()) == one["accuracy"]
+    plain_tok, plain = AutoTokenizer.from_pretrained(model), AutoModelForSequenceClassification.from_pretrained(model)
+    assert plain.config.num_labels == 2 and not plain.training
+    for i in (0, 1, int(np.argmax(enc.lengths))):  # the first dev sentences and the longest
+        inputs = plain_tok(loaded.examples[i].text_a, return_tensors="pt")
+        assert inputs["input_ids"][0].tolist() == enc.input_ids[i].tolist()
+        with torch.no_grad():
+            logits = plain(**inputs).logits[0]
+        torch.testing.assert_close(logits, torch.from_numpy(ours[i]), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
-def test_finetune_starts_from_a_pretraining_checkpoint(tmp_path, shared):
+def test_finetune_starts_from_a_pretraining_checkpoint(tmp_path):
     """model.name can be a DeepSpeed checkpoint of `wellread pretrain` (here ZeRO-3, 2 ranks)."""
     from conftest import DEMO_BOOKS
     from safetensors.torch import load_file
@@ -113,7 +135,7 @@ run: {{out_dir: {tmp_path / 'pt'}, log_every: 1}}
         assert torch.allclose(converted[name], value), name
     ft = tmp_path / "ft.yaml"
     ft.write_text(f"""
-data: {{task: rte}}
+data: {{task: rte, data_root: {FIXTURE_DATA}}}
 model: {{name: {tmp_path / 'pt' / 'checkpoints'}}}
 train: {{steps: 2, micro_batch: 8, global_batch: 8}}
 engine: {{ds_config: zero0}}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FIXTURE_DATA
 from distributed import kill_group, run, start, wait_for
 
 from trainer.data.softlabels import SoftLabelStore
@@ -15,12 +16,12 @@ from trainer.data.transfer import TransferSection, split_into_sentences, transfe
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory, shared) -> Path:
+def teacher(tmp_path_factory) -> Path:
     """A small fine-tuned SST-2 classifier (a few steps: labeling only needs a real exported model)."""
     root = tmp_path_factory.mktemp("teacher")
     recipe = root / "ft.yaml"
     recipe.write_text(f"""
-data: {{task: sst2, max_train_examples: 256}}
+data: {{task: sst2, max_train_examples: 256, data_root: {FIXTURE_DATA}}}
 model: {{name: bert-L2-H128}}
 train: {{steps: 4, micro_batch: 32, global_batch: 32, lr: 1.0e-3}}
 engine: {{ds_config: zero0}}
@@ -34,7 +35,7 @@ def recipe_file(tmp_path: Path, teacher: Path, out: Path, **extra: str) -> Path:
     path = tmp_path / f"label-{out.name}.yaml"
     path.write_text(f"""
 teacher: {teacher}
-transfer: {{task: sst2, task_split: train, max_examples: {extra.get('n', 2400)}}}
+transfer: {{task: sst2, task_split: train, max_examples: {extra.get('n', 2400)}, data_root: {FIXTURE_DATA}}}
 output: {{out_dir: {out}, kind: classification, part_examples: 150, batch_size: 16}}
 """)
     return path

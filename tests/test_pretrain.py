@@ -112,8 +112,12 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, recipe, reference_r
     assert "resumed from" in proc.stderr and "at step 4" in proc.stderr
     resumed, reference = metrics(out), metrics(reference_runs[stage])
     assert_losses_match(resumed, reference, range(5, STEPS + 1))
-    identical = sum(resumed[s] == reference[s] for s in range(5, STEPS + 1))
-    print(f"{stage}: {identical}/{STEPS - 4} resumed steps bitwise equal")
+    # Bitwise (the README's claim) where it holds: CPU, fp32, ZeRO-2 and ZeRO-3 over gloo. The resumed run
+    # restores weights, optimizer state, RNG states and the data cursor, then repeats the same arithmetic in
+    # the same order. Not claimed on GPUs: cuBLAS and NCCL may pick other algorithms and reduction orders from
+    # run to run, so there resumed losses match the uninterrupted run's only within rounding (checked above).
+    differ = [(s, resumed[s], reference[s]) for s in range(5, STEPS + 1) if resumed[s] != reference[s]]
+    assert not differ, f"{stage}: resumed steps not bitwise equal to the uninterrupted run: {differ}"
 
 
 @pytest.mark.slow

@@ -1,14 +1,20 @@
-"""Task loading: every built-in loader on the real files (official sizes), bad rows, generic specs."""
+"""Task loading: every built-in loader on real files, bad rows, generic specs.
+
+The format checks read the real slices shipped in tests/fixtures/data (no ../shared needed); the
+official sizes and label balances of the full files, and the fixtures' provenance, are `realdata` tests.
+"""
 
 from __future__ import annotations
 
 import gzip
 import json
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import FIXTURE_DATA
 
 from trainer.config import from_dict
 from trainer.data.tasks import (
@@ -38,24 +44,37 @@ OFFICIAL = {
     ("amazon_books", "train"): (1_700, {"0": 850, "1": 850}),
     ("amazon_books", "dev"): (300, {"0": 150, "1": 150}),
 }
-_cache: dict[tuple[str, str], LoadedSplit] = {}
+# The shipped slices (tests/fixtures/README.md): (task, split) -> rows and label distribution.
+FIXTURES = {
+    ("sst2", "train"): (2_400, {"0": 1_095, "1": 1_305}),
+    ("sst2", "dev"): (301, {"0": 145, "1": 156}),
+    ("rte", "train"): (100, {"entailment": 51, "not_entailment": 49}),
+    ("rte", "dev"): (50, {"entailment": 25, "not_entailment": 25}),
+    ("mrpc", "train"): (100, {"1": 64, "0": 36}),
+    ("mrpc", "dev"): (50, {"1": 30, "0": 20}),
+    ("cola", "train"): (200, {"1": 132, "0": 68}),
+    ("cola", "dev"): (100, {"1": 76, "0": 24}),
+    ("imdb", "train"): (40, {"1": 20, "0": 20}),
+    ("imdb", "dev"): (40, {"1": 20, "0": 20}),
+    ("amazon_books", "train"): (30, {"0": 30}),
+    ("amazon_books", "dev"): (20, {"0": 20}),
+}
+_cache: dict[tuple[Path, str, str], LoadedSplit] = {}
 
 
-def real(shared: Path, task: str, split: str) -> LoadedSplit:
-    """Each real split is read once per session (SST-2 and IMDb are the slow ones)."""
-    if (task, split) not in _cache:
-        _cache[task, split] = load_split(builtin_task(task), split, shared / "data")
-    return _cache[task, split]
+def load(root: Path, task: str, split: str) -> LoadedSplit:
+    """Each split is read once per session (the full SST-2 and IMDb are the slow ones)."""
+    if (root, task, split) not in _cache:
+        _cache[root, task, split] = load_split(builtin_task(task), split, root)
+    return _cache[root, task, split]
 
 
 def line_of(ex: Example) -> int:
     return int(ex.source.rsplit(":", 1)[1])
 
 
-@pytest.mark.parametrize(("task", "split"), list(OFFICIAL))
-def test_real_split_has_official_size_and_labels(shared, task, split):
-    loaded = real(shared, task, split)
-    n, dist = OFFICIAL[task, split]
+def check_split(root: Path, task: str, split: str, n: int, dist: dict[str, int]) -> None:
+    loaded = load(root, task, split)
     assert len(loaded.examples) == n
     assert loaded.skipped == 0 and loaded.skipped_reasons == {}
     names = builtin_task(task).labels
@@ -63,42 +82,80 @@ def test_real_split_has_official_size_and_labels(shared, task, split):
     assert Counter(names[e.label] for e in loaded.examples) == dist
     assert all(isinstance(e.label, int) for e in loaded.examples)
     assert all(e.text_a.strip() for e in loaded.examples)
-    assert loaded.path.is_file() and loaded.path.is_relative_to(shared / "data")
+    assert loaded.path.is_file() and loaded.path.is_relative_to(root)
     # sources are unique, increasing physical lines of that file
     lines = [line_of(e) for e in loaded.examples]
     assert lines == sorted(set(lines))
     assert all(e.source.startswith(f"{loaded.path}:") for e in loaded.examples[:3])
 
 
-def test_sst2_rows_keep_trailing_space_and_label(shared):
-    train = real(shared, "sst2", "train").examples
-    assert train[0] == Example("hide new secretions from the parental units ", None, 0,
-                               f"{shared / 'data/glue/SST-2/train.tsv.gz'}:2")
+@pytest.mark.realdata
+@pytest.mark.parametrize(("task", "split"), list(OFFICIAL))
+def test_real_split_has_official_size_and_labels(real_data, task, split):
+    check_split(real_data, task, split, *OFFICIAL[task, split])
+
+
+@pytest.mark.parametrize(("task", "split"), list(FIXTURES))
+def test_fixture_split_loads_every_row(task, split):
+    check_split(FIXTURE_DATA, task, split, *FIXTURES[task, split])
+
+
+@pytest.mark.realdata
+def test_fixtures_are_exact_slices_of_the_real_files(real_data):
+    sys.path.insert(0, str(FIXTURE_DATA.parent))
+    from make_fixtures import SLICES, cut_slices, read
+
+    assert sorted(str(p.relative_to(FIXTURE_DATA)) for p in FIXTURE_DATA.rglob("*") if p.is_file()) == sorted(SLICES)
+    for rel, expected in cut_slices(real_data).items():
+        assert read(FIXTURE_DATA / rel) == expected, rel
+
+
+@pytest.mark.realdata
+def test_real_files_end_as_documented(real_data):
+    """Last rows of the full files (the slices hold the first rows, or the last ones for CoLA dev)."""
+    train = load(real_data, "sst2", "train").examples
     assert train[-1].text_a == ("this new jangle of noise , mayhem and stupidity must be a serious contender "
                                 "for the title . ")
     assert line_of(train[-1]) == 67_350
-    dev = real(shared, "sst2", "dev").examples
+    last = load(real_data, "rte", "dev").examples[-1]
+    assert last.text_a.startswith('Danny Kennedy, Greenpeace campaigns director, said: "The burden')
+    assert last.text_a.endswith('because [it] opposes his political opinions."')
+    assert last.text_b == "Greenpeace director said that peace is terrorism." and last.label == 1
+    assert line_of(last) == 278
+    dev_path = real_data / "glue/CoLA/dev.tsv"
+    assert load(real_data, "cola", "dev").examples[-1] == Example("John talked to Bill about himself.", None, 1,
+                                                                  f"{dev_path}:1043")
+    books = load(real_data, "amazon_books", "train").examples
+    last = books[-1]
+    assert last.text_a.startswith('We Love This Book!\n\tPretty much all of the Todd Parr books') and last.label == 1
+    physical = gzip.open(real_data / "amazon-books-blitzer/autoprompt_split/train.tsv.gz").read().split(b"\n")
+    assert physical[line_of(last) - 1].startswith(b'"We Love This Book!')  # records end in CRLF, inner lines LF
+
+
+def test_sst2_rows_keep_trailing_space_and_label():
+    train = load(FIXTURE_DATA, "sst2", "train").examples
+    assert train[0] == Example("hide new secretions from the parental units ", None, 0,
+                               f"{FIXTURE_DATA / 'glue/SST-2/train.tsv.gz'}:2")
+    assert all(e.text_a.endswith(" ") for e in train)  # train sentences end in a space before the tab
+    assert line_of(train[-1]) == 2_401
+    dev = load(FIXTURE_DATA, "sst2", "dev").examples
     assert dev[0].text_a == "it 's a charming and often affecting journey . " and dev[0].label == 1
 
 
-def test_rte_quotes_survive_and_string_labels_map_by_position(shared):
-    train = real(shared, "rte", "train").examples
+def test_rte_quotes_survive_and_string_labels_map_by_position():
+    train = load(FIXTURE_DATA, "rte", "train").examples
     assert train[0].text_a == "No Weapons of Mass Destruction Found in Iraq Yet."
     assert train[0].text_b == "Weapons of Mass Destruction Found in Iraq."
     assert train[0].label == 1  # not_entailment is labels[1]
     quoted = next(e for e in train if line_of(e) == 52)  # the field *starts* with '"': QUOTE_MINIMAL would eat it
     assert quoted.text_a.startswith('"Instead of action on crime, we got the federal long gun registry')
-    raw = (shared / "data/glue/RTE/train.tsv").read_text(encoding="utf-8").split("\n")[51].split("\t")
+    raw = (FIXTURE_DATA / "glue/RTE/train.tsv").read_text(encoding="utf-8").split("\n")[51].split("\t")
     assert (quoted.text_a, quoted.text_b) == (raw[1], raw[2])
-    last = real(shared, "rte", "dev").examples[-1]
-    assert last.text_a.startswith('Danny Kennedy, Greenpeace campaigns director, said: "The burden')
-    assert last.text_a.endswith('because [it] opposes his political opinions."')
-    assert last.text_b == "Greenpeace director said that peace is terrorism." and last.label == 1
-    assert line_of(last) == 278
 
 
-def test_mrpc_header_bom_and_sentence_pair(shared):
-    first = real(shared, "mrpc", "train").examples[0]
+def test_mrpc_header_bom_and_sentence_pair():
+    assert (FIXTURE_DATA / "glue/MRPC/train.tsv").read_bytes().startswith(b"\xef\xbb\xbfQuality\t")
+    first = load(FIXTURE_DATA, "mrpc", "train").examples[0]
     assert first.text_a == ('Amrozi accused his brother , whom he called " the witness " , of deliberately '
                             "distorting his evidence .")
     assert first.text_b.startswith('Referring to him as only " the witness " , Amrozi')
@@ -107,42 +164,43 @@ def test_mrpc_header_bom_and_sentence_pair(shared):
     spec = builtin_task("mrpc")
     spec.encoding = "utf-8"
     with pytest.raises(UserError, match=r"MRPC/train\.tsv:1: no column 'Quality' in header \[\ufeffQuality, "):
-        load_split(spec, "train", shared / "data")
+        load_split(spec, "train", FIXTURE_DATA)
 
 
-def test_cola_has_no_header_and_dev_last_line_without_newline_is_loaded(shared):
-    dev_path = shared / "data/glue/CoLA/dev.tsv"
+def test_cola_has_no_header_and_dev_last_line_without_newline_is_loaded():
+    dev_path = FIXTURE_DATA / "glue/CoLA/dev.tsv"
     assert not dev_path.read_bytes().endswith(b"\n")
-    train = real(shared, "cola", "train").examples
+    train = load(FIXTURE_DATA, "cola", "train").examples
     assert train[0].text_a == "Our friends won't buy this analysis, let alone the next one we propose."
     assert line_of(train[0]) == 1  # no header: line 1 is data
-    dev = real(shared, "cola", "dev").examples
-    assert dev[-1] == Example("John talked to Bill about himself.", None, 1, f"{dev_path}:1043")
+    dev = load(FIXTURE_DATA, "cola", "dev").examples
+    assert dev[-1] == Example("John talked to Bill about himself.", None, 1, f"{dev_path}:100")
 
 
-def test_imdb_jsonl_int_labels_and_order(shared):
-    train = real(shared, "imdb", "train").examples
+def test_imdb_jsonl_int_labels_and_order():
+    train = load(FIXTURE_DATA, "imdb", "train").examples
     assert train[0].text_a.startswith("Bromwell High is a cartoon comedy.") and train[0].label == 1
     assert [e.label for e in train[:4]] == [1, 0, 1, 0]  # pos before neg for each id
-    assert "<br />" in "".join(e.text_a for e in train[:50])  # HTML tags are kept as in the source
+    assert "<br />" in "".join(e.text_a for e in train)  # HTML tags are kept as in the source
     assert builtin_task("imdb").dev == "imdb/test.jsonl.gz"
 
 
-def test_amazon_books_multiline_quoted_fields(shared):
-    train = real(shared, "amazon_books", "train").examples
+def test_amazon_books_multiline_quoted_fields():
+    train = load(FIXTURE_DATA, "amazon_books", "train").examples
     assert train[0].text_a.startswith("Horrible book, horrible.\n\tTHis book was horrible.  If it was possible")
     assert train[0].text_a.endswith("THis book wasted my life")
     assert '"shrink" bashers' in train[1].text_a  # doubled quotes are unescaped
     assert not any("\r" in e.text_a for e in train)  # CRLF record ends are not part of the text
-    last = train[-1]
-    assert last.text_a.startswith('We Love This Book!\n\tPretty much all of the Todd Parr books') and last.label == 1
-    physical = gzip.open(shared / "data/amazon-books-blitzer/autoprompt_split/train.tsv.gz").read().split(b"\n")
-    assert physical[line_of(last) - 1].startswith(b'"We Love This Book!')  # records end in CRLF, inner lines LF
+    physical = gzip.open(FIXTURE_DATA / "amazon-books-blitzer/autoprompt_split/train.tsv.gz").read().split(b"\n")
+    assert len(physical) > len(train) + 1  # records span several physical lines
+    for ex in train:
+        first_line = ex.text_a.split("\n")[0].replace('"', '""')
+        assert physical[line_of(ex) - 1].startswith(b'"' + first_line.encode())
     # read GLUE-style (no quote processing) the same file is garbage: rows break at the embedded newlines
     spec = builtin_task("amazon_books")
     spec.quoting = "none"
     with pytest.raises(UserError, match=r"train\.tsv\.gz:2: expected 2 fields, got 1$"):
-        load_split(spec, "train", shared / "data")
+        load_split(spec, "train", FIXTURE_DATA)
 
 
 # --- synthetic files ----------------------------------------------------------------------------------
