@@ -32,12 +32,16 @@ def stage_of(path: Path) -> str:
     raise AssertionError(f"{path}: no `wellread STAGE recipes/{path.name}` line and no stage word in its name")
 
 
+# Stages whose recipe dataclass lives outside their command module.
+ELSEWHERE = {"pipeline": "trainer.pipeline.study"}
+
+
 def recipe_class(stage: str) -> type:
-    """The stage module's recipe dataclass (the one whose name ends in Recipe)."""
-    module = importlib.import_module(f"trainer.stages.{stage.replace('-', '_')}")
+    """The stage's recipe dataclass (the one whose name ends in Recipe) in its module."""
+    module = importlib.import_module(ELSEWHERE.get(stage, f"trainer.stages.{stage.replace('-', '_')}"))
     found = [obj for name, obj in vars(module).items() if name.endswith("Recipe") and dataclasses.is_dataclass(obj)
              and obj.__module__ == module.__name__]
-    assert len(found) == 1, f"trainer.stages.{stage}: expected one *Recipe dataclass, found {found}"
+    assert len(found) == 1, f"{module.__name__}: expected one *Recipe dataclass, found {found}"
     return found[0]
 
 
