@@ -30,9 +30,10 @@ from trainer import preemption
 from trainer.checkpoint import Checkpointer, tag_for
 from trainer.config import dump_yaml, load_config, save_config
 from trainer.data.sampling import Cursor
-from trainer.engine import BatchPlan, grad_norm, initialize
+from trainer.engine import BatchPlan, build_model, engine_config, grad_norm, initialize
 from trainer.errors import TrainingStopped
 from trainer.launcher import DistEnv, all_reduce_sum, init_distributed, shutdown
+from trainer.models.zoo import bert_config
 from trainer.runlog import RunLogger, memory_mb
 
 # ---------------------------------------------------------------------------------------------- contract
@@ -60,8 +61,12 @@ class Stage:
     eval_each_epoch = False  # also evaluate when an epoch ends (fine-tuning keeps its best model)
 
     # -- building
+    def prepare(self, env: DistEnv, where: str) -> None:
+        """Work before the model is built (data, a frozen teacher): outside ZeRO-3's partitioned construction."""
+
     def build(self, env: DistEnv, where: str) -> torch.nn.Module:
         """The module the engine trains: forward(**micro_batch) -> (summed loss, {stat: summed value}).
+        Runs under ZeRO-3's partitioned construction: build Hugging Face models with the zoo's helpers.
         Stats must include "tokens" (non-padding tokens). Sets `self.hf` (the exported model) and
         `self.tokenizer` (a `tokenizers.Tokenizer`)."""
         raise NotImplementedError
@@ -199,13 +204,17 @@ class Trainer:
         recipe = stage.recipe
         self.train, self.run, self.debug = recipe.train, recipe.run, recipe.debug
         configure_kernels(recipe.engine)
+        stage.prepare(env, where)
+        # the DeepSpeed config exists before the model: at ZeRO-3 the model is built partitioned from it
+        hidden = bert_config(recipe.model.name).hidden_size
+        ds_cfg, _ = engine_config(recipe.engine.ds_config, self.train, env.world_size, where, hidden)
         torch.manual_seed(self.train.seed)  # identical initial weights on every rank
-        model = stage.build(env, where)
+        model = build_model(lambda: stage.build(env, where), ds_cfg)
         self.order = stage.make_order(self.train.global_batch, env)
         if self.train.epochs is not None:
             self.train.steps = max(1, math.ceil(self.train.epochs * self.order.batches_per_epoch))
         self.engine, self.ds_cfg, self.plan = initialize(model, self.train, recipe.engine.ds_config,
-                                                         env.world_size, where)
+                                                         env.world_size, where, ds_cfg)
         torch.manual_seed(self.train.seed * 1000 + env.rank)  # per-rank dropout streams
         self.out = Path(self.run.out_dir)
         self.checkpointer = Checkpointer(self.out / "checkpoints", env, self.run.ckpt_every,

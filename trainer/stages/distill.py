@@ -117,7 +117,8 @@ class Distill(Stage):
         self.source: dict[str, Any] = {}
 
     # -- building
-    def build(self, env: DistEnv, where: str) -> torch.nn.Module:
+    def prepare(self, env: DistEnv, where: str) -> None:
+        """The store, the tokenizer checks and the frozen online teacher (never partitioned: it is not trained)."""
         data = self.recipe.data
         if data.store:
             self.store = SoftLabelStore(data.store, verify=data.verify)
@@ -128,6 +129,9 @@ class Distill(Stage):
         self.tokenizer = self._student_tokenizer(where)
         if self.recipe.teacher.model:
             self.teacher = self._load_teacher()
+
+    def build(self, env: DistEnv, where: str) -> torch.nn.Module:
+        data = self.recipe.data
         module = self._build_classification(where) if self.kind == "classification" else self._build_mlm(where)
         self.eval_prefix = f"eval_{data.eval_split}" if self.kind == "classification" else "eval"
         if env.is_main:
