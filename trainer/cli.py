@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate-mlm": ("trainer.stages.evaluate_mlm", "masked-token loss and accuracy of a model on held-out text"),
     "plan-memory": ("trainer.stages.plan_memory", "per-rank memory of a model at each ZeRO stage, before a job"),
     "init-student": ("trainer.stages.init_student", "a shallower student copied from chosen teacher layers"),
+    "pipeline": ("trainer.stages.pipeline", "run a whole study (every stage, cached) and write its results"),
+    "report": ("trainer.stages.report", "rebuild a study's results.md/json and plot from its finished runs"),
 }
 
 

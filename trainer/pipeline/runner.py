@@ -1,0 +1,245 @@
+"""Run a study's graph: in order, one stage process at a time, skipping what is finished.
+
+Each stage's output goes to its directory's `pipeline.log`; the console gets one line when a stage starts
+(or is found cached) and one when it ends, with the elapsed time and an ETA. SIGINT/SIGTERM/SIGUSR1 are
+forwarded to the running stage as SIGTERM (it checkpoints and exits), then the pipeline stops; the same
+command continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+from trainer.errors import UserError
+from trainer.fileio import atomic_write_bytes, atomic_write_json
+from trainer.pipeline import cache
+from trainer.pipeline.graph import Graph, Node, stage_command
+
+LOG = "pipeline.log"
+PLAN = "study.json"
+
+
+class StageFailed(UserError):
+    """A stage command exited non-zero (its log's tail has been printed)."""
+
+    exit_code = 1
+
+
+class Stopped(UserError):
+    """The pipeline was asked to stop; the running stage was told to checkpoint."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+def fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+def plan(graph: Graph) -> list[tuple[Node, cache.Status | None, str]]:
+    """(node, status or None when an upstream must run first, reason) for every node, without running any."""
+    digests: dict[str, str] = {}
+    out = []
+    for node in graph:
+        waiting = [d for d in node.deps if d not in digests]
+        if waiting:
+            out.append((node, None, f"after {', '.join(waiting[-2:])} run{'s' if len(waiting) == 1 else ''}"))
+            continue
+        st = cache.status(node, digests)
+        if st.cached:
+            digests[node.id] = st.marker["output_digest"]
+        out.append((node, st, st.reason))
+    return out
+
+
+def print_plan(graph: Graph, rows: list, stream: TextIO) -> None:
+    width = min(72, max(len(n.id) for n, _, _ in rows))
+    for node, st, reason in rows:
+        state = "cached" if st is not None and st.cached else "run"
+        print(f"  {state:<6}  {node.id:<{width}}  {node.kind:<12}  {'' if state == 'cached' else reason}".rstrip(),
+              file=stream)
+    to_run = sum(1 for _, st, _ in rows if st is None or not st.cached)
+    print(f"{len(rows)} stages: {to_run} to run, {len(rows) - to_run} cached", file=stream)
+
+
+# ---------------------------------------------------------------------------------------------- ETA
+class Clock:
+    """Elapsed time and an ETA from the stages finished so far (this node's own last time first)."""
+
+    def __init__(self):
+        self.t0 = time.time()
+        self.done: list[tuple[str, str, float]] = []  # (kind, student, seconds) run in this session
+
+    def estimate(self, node: Node, previous: dict[str, Any] | None) -> float | None:
+        if previous and previous.get("seconds") is not None:
+            return float(previous["seconds"])
+        student = node.meta.get("student")
+        for match in (lambda k, s: k == node.kind and s == student, lambda k, s: k == node.kind,
+                      lambda k, s: True):
+            times = [t for k, s, t in self.done if match(k, s)]
+            if times:
+                return sum(times) / len(times)
+        return None
+
+    def eta(self, remaining: list[tuple[Node, dict[str, Any] | None]]) -> str:
+        """Each remaining stage: its own previous time, else the mean of the finished stages of its kind (and
+        student), else of all finished stages: rough until every kind has run once."""
+        if not remaining:
+            return "0s"
+        guesses = [self.estimate(n, p) for n, p in remaining]
+        if any(g is None for g in guesses):
+            return "?"
+        return f"~{fmt_time(sum(guesses))}"
+
+
+# ---------------------------------------------------------------------------------------------- running
+class Child:
+    """The running stage process, with signals forwarded to its process group."""
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        self.signum: int | None = None
+        self.cpu_seconds = 0.0  # user + system CPU time of the last stage and its processes
+
+    def handler(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+
+    def run(self, cmd: list[str], log: Path) -> int:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        with open(log, "ab") as f:
+            f.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} $ {' '.join(cmd)}\n".encode())
+            f.flush()
+            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            while True:
+                try:
+                    return self.proc.wait()
+                except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for old interpreters
+                    continue
+        finally:
+            self.proc = None
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            self.cpu_seconds = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return ""
+
+
+def run_node(node: Node, st: cache.Status, graph: Graph, child: Child,
+             select: Callable[[Node], None]) -> dict[str, Any]:
+    """Run one node to completion and record it; returns its finished marker."""
+    cache.prepare(node, st)
+    t0 = time.time()
+    cmd = None
+    child.cpu_seconds = 0.0
+    if node.kind == "select":
+        select(node)
+    else:
+        if node.recipe is not None:
+            atomic_write_bytes(node.recipe_path, dump_yaml_dict(node.recipe).encode())
+        cmd = stage_command(node, graph.launcher)
+        log = node.out_dir / LOG
+        rc = child.run(cmd, log)
+        if child.signum is not None:
+            raise Stopped(f"stopped by {signal.Signals(child.signum).name} during {node.id} (the stage was told to "
+                          f"checkpoint; log {log}); run the same command again to continue", child.signum)
+        if rc != 0:
+            print(tail(log), file=sys.stderr)
+            raise StageFailed(f"stage {node.id} failed (exit {rc}); command: {' '.join(cmd)}; log: {log}")
+    return cache.finish(node, st, time.time() - t0, cmd, child.cpu_seconds)
+
+
+def dump_yaml_dict(recipe: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None)
+
+
+def write_plan_record(graph: Graph, recipe_path: str) -> None:
+    graph.out_dir.mkdir(parents=True, exist_ok=True)
+    record = {"recipe": recipe_path, **graph.plan,
+              "nodes": [{"id": n.id, "kind": n.kind, "out_dir": str(n.out_dir), "deps": n.deps, "meta": n.meta}
+                        for n in graph]}
+    atomic_write_json(graph.out_dir / PLAN, record)
+    atomic_write_bytes(graph.out_dir / "study.yaml", dump_yaml_dict(graph.plan["study"]).encode())
+
+
+def run_graph(graph: Graph, recipe_path: str, dry_run: bool = False, stream: TextIO = sys.stdout) -> int:
+    """Run (or, with dry_run, only plan) every node of `graph`; -> exit code."""
+    from trainer.pipeline.report import run_select
+
+    rows = plan(graph)
+    print(f"study {recipe_path} -> {graph.out_dir} ({len(rows)} stages)", file=stream, flush=True)
+    if dry_run:
+        print_plan(graph, rows, stream)
+        return 0
+    write_plan_record(graph, recipe_path)
+    child, clock = Child(), Clock()
+    previous = {node.id: (st.marker if st is not None else None) for node, st, _ in rows}
+    to_run = {node.id for node, st, _ in rows if st is None or not st.cached}
+    handlers = {s: signal.signal(s, child.handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        digests: dict[str, str] = {}
+        nodes = list(graph)
+        n = len(nodes)
+        ran = cached = 0
+        for i, node in enumerate(nodes, 1):
+            if child.signum is not None:
+                raise Stopped(f"stopped by {signal.Signals(child.signum).name} before {node.id}; run the same "
+                              "command again to continue", child.signum)
+            st = cache.status(node, digests)
+            head = f"[{i:>{len(str(n))}}/{n}] {node.id}"
+            if st.cached:
+                digests[node.id] = st.marker["output_digest"]
+                cached += 1
+                print(f"{head}: cached ({node.kind}, took {fmt_time(st.marker.get('seconds'))} on "
+                      f"{st.marker.get('finished', '?')})", file=stream, flush=True)
+                continue
+            print(f"{head}: running {node.kind} ({st.reason}) | elapsed {fmt_time(time.time() - clock.t0)}",
+                  file=stream, flush=True)
+            marker = run_node(node, st, graph, child, run_select)
+            digests[node.id] = marker["output_digest"]
+            ran += 1
+            clock.done.append((node.kind, node.meta.get("student", ""), marker["seconds"]))
+            remaining = [(m, previous.get(m.id)) for m in nodes[i:] if m.id in to_run]
+            print(f"{head}: done in {fmt_time(marker['seconds'])} | elapsed {fmt_time(time.time() - clock.t0)} "
+                  f"| ETA {clock.eta(remaining)} ({len(remaining)} stage(s) may still run)", file=stream, flush=True)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    print(f"all {n} stages finished: {ran} run, {cached} cached, in {fmt_time(time.time() - clock.t0)}",
+          file=stream, flush=True)
+    from trainer.pipeline.report import write_report
+
+    paths = write_report(graph.out_dir)
+    print(paths.table, file=stream)
+    print(f"results: {paths.md}  {paths.json}\nplot: {paths.png}\nTensorBoard: tensorboard --logdir {graph.out_dir}",
+          file=stream, flush=True)
+    return 0
+
