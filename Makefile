@@ -26,7 +26,7 @@ demo: $(STAMP)
 	@echo "demo done: TensorBoard with  $(VENV)/bin/tensorboard --logdir $(DEMO)"
 
 # The Slurm tests use the private cluster of tools/local_slurm.sh (root; it refuses to touch a real
-# cluster). Without it, or without ../shared/data ($$WELLREAD_DATA), those tests are skipped with a
+# cluster). Without it, or without ../shared/data (or WELLREAD_DATA), those tests are skipped with a
 # reason; under CI=true such a skip fails.
 test: $(STAMP) lint
 	-tools/local_slurm.sh start
