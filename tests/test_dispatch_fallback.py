@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from conftest import ROOT
 
 CAUSE = "libcuda.so.1: cannot open shared object file: No such file or directory"
@@ -62,6 +61,8 @@ def _check_warned_once(out: dict) -> None:
 
 
 def test_broken_triton_with_the_interpreter_requested_warns_once_naming_the_cause(tmp_path):
+    """CUDA tensors take the same branch of `dispatch._wants_triton` as the interpreter request (Triton wanted,
+    its import fails): the CI machines have no GPU, so the interpreter request stands in for the device."""
     _check_warned_once(_run(tmp_path, "cpu", interpret=True))
 
 
@@ -69,8 +70,3 @@ def test_cpu_tensors_never_touch_triton_and_stay_quiet(tmp_path):
     out = _run(tmp_path, "cpu", interpret=False)
     assert out["equal"] and out["backend"] == "reference"
     assert out["warnings"] == [] and not out["triton_tried"]
-
-
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
-def test_broken_triton_on_cuda_warns_once_naming_the_cause(tmp_path):
-    _check_warned_once(_run(tmp_path, "cuda", interpret=False))
