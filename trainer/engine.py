@@ -233,6 +233,7 @@ def partitioned_construction(ds_cfg: dict[str, Any]) -> Iterator[None]:
     if zero_stage(ds_cfg) != 3:
         yield
         return
+    follow_live_memory()
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -270,6 +271,7 @@ def initialize(model: torch.nn.Module, train: TrainSection, ds_name: str, world_
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
     if zero_stage(ds_cfg) == 3 or offloads(ds_cfg):
+        follow_live_memory()
         _release_after_updates(engine)
     release_host_memory(collect=True)
     return engine, ds_cfg, plan
@@ -297,6 +299,33 @@ def offloads(cfg: dict[str, Any]) -> bool:
 
 
 _LIBC: Any = None
+M_MMAP_THRESHOLD = -3  # glibc mallopt() parameter numbers (malloc.h)
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def _libc() -> Any:
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+            _LIBC.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        except (OSError, AttributeError):
+            _LIBC = False
+    return _LIBC
+
+
+def follow_live_memory() -> bool:
+    """Serve every host allocation of 1 MiB or more with its own mmap, returned to the OS when freed (glibc
+    `mallopt(M_MMAP_THRESHOLD)`, which also stops glibc raising that threshold to 32 MB after large frees).
+
+    A ZeRO-3 step allocates and frees every gathered layer, gradient bucket and activation; from glibc's heap
+    those come back as fragmented free chunks, so the resident set grows past live memory by ~1 GB per rank on
+    bert-large (measured: docs/benchmarks.md). The cost is page faults on fresh mappings, small beside the
+    collectives of a ZeRO-3 step. Set for ZeRO-3 and offload runs only; `MALLOC_MMAP_THRESHOLD_=1048576` in the
+    environment does the same for any run from process start. False where the C library is not glibc."""
+    libc = _libc()
+    return bool(libc) and bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
 def release_host_memory(collect: bool = False) -> bool:
@@ -307,18 +336,12 @@ def release_host_memory(collect: bool = False) -> bool:
     scratch buffer, and a host that runs several ranks (or CPU offload) runs out long before live memory does.
     Called where gathers end: after the model build, engine set-up, every ZeRO-3/offload update and export.
     """
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _LIBC = False
-    if not _LIBC:
+    libc = _libc()
+    if not libc:
         return False
     if collect:  # drop cycles first (a model built and discarded), so their storages are freed before the trim
         gc.collect()
-    _LIBC.malloc_trim(0)
+    libc.malloc_trim(0)
     return True
 
 

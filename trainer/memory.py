@@ -5,9 +5,11 @@ estimators where they apply (mixed precision, `estimate_zero2/3_model_states_mem
 training, which they do not model, the byte counts DeepSpeed actually allocates (Psi = parameters, N = ranks):
 
     stage 0   16 Psi                      fp32 params 4 + grads 4 + Adam moments 8
-    stage 1   8 Psi + 12 Psi/N            full params and grads; fp32 master copy 4 + moments 8 partitioned
-    stage 2   4 Psi + 16 Psi/N            full params; grads, master copy and moments partitioned
+    stage 1-2 4 Psi + 16 Psi/N            full params; grads 4, master copy 4 and moments 8 partitioned
     stage 3   20 Psi/N                    everything partitioned
+
+(Measured with tools/bench/zero_memory.py: DeepSpeed 0.19's stage 1 reduces gradients into the same
+partitioned buffer as stage 2, so between steps it holds what stage 2 holds.)
 
 plus activations for the batch and sequence length (Korthikanti et al. 2022, "Reducing Activation
 Recomputation in Large Transformer Models": s*b*h*(34 + 5*a*s/h) bytes per layer at 16 bits, twice that in fp32).
@@ -83,7 +85,7 @@ def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, precisio
 def fp32_model_state_bytes(params: int, stage: int, ranks: int) -> int:
     """fp32 training (DeepSpeed keeps an fp32 master partition beside the fp32 parameters at stages 1-3)."""
     n = ranks
-    per_param = {0: 16, 1: 8 + 12 / n, 2: 4 + 16 / n, 3: 20 / n}[stage]
+    per_param = {0: 16, 1: 4 + 16 / n, 2: 4 + 16 / n, 3: 20 / n}[stage]
     return int(per_param * params)
 
 
@@ -119,12 +121,11 @@ def plan(shape: ModelShape, ranks: int, stages: tuple[int, ...] = (0, 1, 2, 3), 
                 if offload == "all":
                     host, device = states, 0
             source = "fp32 formula"
-        elif stage in (0, 1):
-            # DeepSpeed has no estimator for these: 16-bit params and grads, fp32 master + moments (12 Psi)
-            states = int((2 + 2 + 12) * psi) if stage == 0 else int((2 + 2) * psi + 12 * psi / n)
-            device = states
+        elif stage == 0:
+            # DeepSpeed has no estimator for it: 16-bit params and grads, fp32 master + moments (12 Psi)
+            states = device = 16 * psi
             source = "mixed-precision formula"
-        elif stage == 2:
+        elif stage in (1, 2):  # stage 1 runs stage 2's code path and buffers (see the module docstring)
             from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
             cpu, gpu = estimate_zero2_model_states_mem_needs(psi, per_node, nodes, cpu_offload=offload != "none",
@@ -193,6 +194,16 @@ def rss_bytes() -> int:
 def peak_rss_bytes() -> int:
     """High-water mark of the resident set since the process started (VmHWM)."""
     return _status_kb("VmHWM") * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current resident set (Linux: `5` into /proc/self/clear_refs), to measure one phase."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 @dataclass

@@ -44,7 +44,7 @@ def worker(args: argparse.Namespace) -> None:
     from trainer import checkpoint
     from trainer.engine import build_model, engine_config, initialize, release_host_memory
     from trainer.launcher import barrier, init_distributed
-    from trainer.memory import Materialized, peak_rss_bytes, rss_bytes, tensor_storage_bytes
+    from trainer.memory import Materialized, peak_rss_bytes, reset_peak_rss, rss_bytes, tensor_storage_bytes
     from trainer.models.mlm import SparseMLM, build_mlm
     from trainer.models.zoo import bert_config
     from trainer.recipe import TrainSection
@@ -58,25 +58,35 @@ def worker(args: argparse.Namespace) -> None:
     hf_cfg = bert_config(args.model, vocab_size=args.vocab_size)
     ds_cfg, plan = engine_config(args.ds_config, train, env.world_size, "bench", hf_cfg.hidden_size)
     rss_start = rss_bytes()
+    hwm: dict[str, int] = {}
+    current = ["start"]
+
+    def phase(name: str) -> None:
+        """Close the running phase with its resident high-water mark, reset the mark (Linux clear_refs 5)."""
+        hwm[current[0]] = max(hwm.get(current[0], 0), peak_rss_bytes())
+        reset_peak_rss()
+        current[0] = name
+        if probe:
+            probe.phase = name
+
+    phase("build")
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
     hf = build_model(lambda: build_mlm(args.model, args.vocab_size, 0.0), ds_cfg)
     build_s = time.perf_counter() - t0
     if probe:
         probe.watch(hf)
-        probe.phase = "init"
+    phase("init")
     engine, ds_cfg, plan = initialize(SparseMLM(hf), train, args.ds_config, env.world_size, "bench", ds_cfg=ds_cfg)
     params = sum({id(p): getattr(p, "ds_numel", p.numel()) for p in hf.parameters()}.values())
     ckpt_root = out / "checkpoints"
     first = 0
     if args.resume_from_checkpoint:
-        if probe:
-            probe.phase = "load"
+        phase("load")
         restored = checkpoint.load(engine, out / "resume-from", env)
         assert restored is not None, f"no checkpoint in {out / 'resume-from'}"
         first = restored[0]["step"]
-    if probe:
-        probe.phase = "train"
+    phase("train")
     n_masked = max(1, int(0.15 * args.seq_len))
     losses, step_times, model_states = {}, [], 0
     for step in range(first, args.steps):
@@ -102,28 +112,26 @@ def worker(args: argparse.Namespace) -> None:
         if step > first:
             step_times.append(dt)
         if args.save_at and step + 1 == args.save_at and not args.resume_from_checkpoint:
-            if probe:
-                probe.phase = "save"
+            phase("save")
             checkpoint.save(engine, out / "resume-from", step + 1, env, {}, {}, keep=1)
-            if probe:
-                probe.phase = "train"
+            phase("train")
     release_host_memory()
     rss_steady = rss_bytes()
     timings = {}
     if not args.resume_from_checkpoint:
-        if probe:
-            probe.phase = "save"
+        phase("save")
         t = time.perf_counter()
         checkpoint.save(engine, ckpt_root, args.steps, env, {}, {}, keep=1)
         timings["save_s"] = time.perf_counter() - t
-        if probe:
-            probe.phase = "export"
+        phase("export")
         t = time.perf_counter()
         checkpoint.export_hf(engine, hf, None, out / "export", env)
         timings["export_s"] = time.perf_counter() - t
     barrier()
+    phase("end")
     report = {"rank": env.rank, "params": params, "model_state_bytes": model_states, "rss_start": rss_start,
-              "rss_steady": rss_steady, "peak_rss": peak_rss_bytes(), "build_s": build_s,
+              "rss_steady": rss_steady, "peak_rss": max(hwm.values()), "peak_rss_by_phase": hwm,
+              "build_s": build_s,
               "step_s": sum(step_times) / max(1, len(step_times)), "losses": losses, **timings,
               "ds_zero": {k: v for k, v in ds_cfg["zero_optimization"].items()}}
     if probe:
@@ -204,9 +212,14 @@ def print_row(r: dict) -> None:
           f"step {s['step_s']:6.2f} s", flush=True)
 
 
-MATRIX = [  # (model, ranks, stages): stage 0 on 2 ranks only (per-rank memory does not depend on the rank count)
+# (model, ranks, stages), sized for a 24 GB host: stage 0 on 2 ranks only (its per-rank memory does not depend on
+# the rank count; four full copies do not fit); bert-large stages 1-2 on 4 ranks hold ~4.5 GB each at their peak
+# (full fp32 parameters and gradients), so those two run on bert-base.
+MATRIX = [
     ("bert-large", 2, (0, 1, 2, 3)),
-    ("bert-large", 4, (1, 2, 3)),
+    ("bert-large", 4, (3,)),
+    ("bert-base", 2, (0, 3)),
+    ("bert-base", 4, (1, 2, 3)),
 ]
 
 
@@ -231,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--materialized", action="store_true")
             s.add_argument("--keep", default=None, help="keep the run's directory here")
         if name == "all":
-            s.add_argument("--larger", default=None, help="also a larger teacher preset, e.g. bert-L24-H1280")
+            s.add_argument("--larger", default=None, help="also a larger teacher (a Hugging Face directory), stage 3")
+            s.add_argument("--only", nargs="*", default=None, help="MODEL@RANKS rows of the matrix to run")
         if name == "worker":
             s.add_argument("--ds-config", required=True)
             s.add_argument("--save-at", type=int, default=0)
@@ -253,18 +267,26 @@ def main(argv: list[str] | None = None) -> int:
     else:
         results = []
         matrix = MATRIX if args.model == "bert-large" else [(args.model, 2, (0, 1, 2, 3)), (args.model, 4, (1, 2, 3))]
+        matrix = [m for m in matrix if not args.only or f"{m[0]}@{m[1]}" in args.only]
         for model, ranks, stages in matrix:
             for stage in stages:
                 cfg = {**base, "model": model, "ranks": ranks, "ds_config": DS_CONFIG[stage], "materialized": True}
                 results.append(run_config(cfg))
                 print_row(results[-1])
+                save(args.out, results)
         for ranks in (2, 4) if args.larger else ():  # stage 3 only: the other stages do not fit in 24 GB
             cfg = {**base, "model": args.larger, "ranks": ranks, "ds_config": "zero3", "materialized": True}
             results.append(run_config(cfg))
             print_row(results[-1])
-    if args.out:
-        Path(args.out).write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=1) + "\n")
+            save(args.out, results)
+    save(args.out, results)
     return 0
+
+
+def save(out: str | None, results: list[dict]) -> None:
+    """Written after every configuration: a run stopped half-way keeps what it measured."""
+    if out:
+        Path(out).write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
