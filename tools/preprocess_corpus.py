@@ -5,6 +5,15 @@
         --out data/gutenberg-128 --seq-len 128 --workers 2
 
 Re-running the same command resumes after the last finished shard.
+
+Many jobs at once (trainer/data/corpus_parts.py; slurm/preprocess.sbatch does this as a job array):
+
+    python tools/preprocess_corpus.py FILES... --out OUT --task-index i --num-tasks n   (or --slurm-array)
+
+Task i tokenizes its contiguous share of the files into OUT/parts/; the last task to finish merges the parts
+into OUT (every part verified, shards renamed in order, one manifest with every shard's checksum). `--merge`
+(with the same FILES, options and --num-tasks) merges by hand, e.g. if the merging task died. With the default
+--packing strict the merged corpus has the same sequences in the same order as one process over all files.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from pathlib import Path
 from trainer.cli import run_main
 from trainer.data.preprocess import PackOptions, preprocess
 from trainer.data.text_sources import SourceSpec
+from trainer.errors import UserError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,6 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hf-split", default="train")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--task-index", type=int, default=None, help="this task's share of the input files (0-based)")
+    p.add_argument("--num-tasks", type=int, default=None, help="number of tasks sharing the input files")
+    p.add_argument("--slurm-array", action="store_true",
+                   help="--task-index/--num-tasks from this job's position in its Slurm job array")
+    p.add_argument("--merge", action="store_true", help="only merge the finished parts of --num-tasks tasks")
     return p.parse_args(argv)
 
 
@@ -50,12 +65,50 @@ def main(argv: list[str] | None = None) -> int:
                       hf_split=args.hf_split, hf_config=args.hf_config)
     opts = PackOptions(seq_len=args.seq_len, shard_tokens=args.shard_tokens, packing=args.packing,
                        workers=args.workers)
-    manifest = preprocess(spec, args.out, args.tokenizer, opts, progress=not args.no_progress,
-                          command=[Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    command = [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
+    if args.slurm_array or args.num_tasks is not None or args.merge:
+        manifest = in_parts(args, spec, opts, command)
+        if manifest is None:
+            return 0
+    else:
+        manifest = preprocess(spec, args.out, args.tokenizer, opts, progress=not args.no_progress, command=command)
     s = manifest["stats"]
     print(f"{args.out}: {len(manifest['shards'])} shard(s), {s['tokens']:,} tokens, {s['sequences']:,} sequences, "
           f"{s['documents']:,} documents, {s['replaced_invalid_utf8']} invalid UTF-8 sequence(s) replaced")
     return 0
+
+
+def in_parts(args: argparse.Namespace, spec: SourceSpec, opts: PackOptions, command: list[str]) -> dict | None:
+    """This task's share (then the merge, if it finished last), or only the merge; -> the merged manifest or None."""
+    import os
+
+    from trainer.data import corpus_parts as cp
+
+    if args.slurm_array:
+        if args.task_index is not None or args.num_tasks is not None:
+            raise UserError("--slurm-array takes --task-index and --num-tasks from the array; give one or the other")
+        index, n = cp.array_position(os.environ)
+    else:
+        index, n = args.task_index, args.num_tasks
+        if n is None:
+            raise UserError("--task-index and --merge need --num-tasks (or --slurm-array)")
+    if args.merge:
+        return cp.merge(spec, args.out, args.tokenizer, opts, n, command)
+    if index is None:
+        raise UserError("--num-tasks needs --task-index (or --slurm-array)")
+    cp.preprocess_part(spec, args.out, args.tokenizer, opts, index, n, progress=not args.no_progress, command=command)
+    waiting = cp.parts_finished(args.out, n)
+    if (args.out / cp.MANIFEST).is_file():
+        return None
+    if waiting:
+        print(f"{args.out}: part {index} of {n} done; {len(waiting)} part(s) still running (the last one merges)",
+              file=sys.stderr)
+        return None
+    if not cp.claim_merge(args.out, n):
+        print(f"{args.out}: every part is done; another task is merging (if it died, run this command with --merge)",
+              file=sys.stderr)
+        return None
+    return cp.merge(spec, args.out, args.tokenizer, opts, n, command)
 
 
 if __name__ == "__main__":

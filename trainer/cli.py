@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "init-student": ("trainer.stages.init_student", "a shallower student copied from chosen teacher layers"),
     "pipeline": ("trainer.stages.pipeline", "run a whole study (every stage, cached) and write its results"),
     "report": ("trainer.stages.report", "rebuild a study's results.md/json and plot from its finished runs"),
+    "check": ("trainer.stages.check", "dry run before sbatch: recipe, models, data paths, ds_config fit on the GPUs"),
 }
 
 

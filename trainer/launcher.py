@@ -4,6 +4,10 @@ Supported: a plain `python` process (world of 1), `torchrun`, the `deepspeed` la
 RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT), and one process per task under `srun`
 (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; the master is the first node of the allocation, the port
 derived from the job id so concurrent jobs do not collide). No pdsh or hostfile is needed.
+
+A process started directly in the batch script of a multi-task allocation (`sbatch -n 4` running
+`python ...` without srun) sees SLURM_PROCID=0 and SLURM_NTASKS=4 but no SLURM_STEP_ID (srun sets it);
+`detect` refuses it at once instead of letting rank 0 wait for three peers that never come.
 """
 
 from __future__ import annotations
@@ -62,6 +66,14 @@ def detect(environ: dict[str, str] | None = None) -> DistEnv:
         return DistEnv(get("RANK", 0), get("WORLD_SIZE", 1), get("LOCAL_RANK", 0),
                        env.get("MASTER_ADDR", "127.0.0.1"), get("MASTER_PORT", 29500),
                        "torchrun" if "TORCHELASTIC_RUN_ID" in env else "env (deepspeed launcher or manual)")
+    in_step = "SLURM_STEP_ID" in env or "SLURM_STEPID" in env  # set by srun (both names, old and new)
+    if "SLURM_JOB_ID" in env and not in_step and get("SLURM_NTASKS", 1) > 1:
+        # The batch script (or an salloc shell) of a multi-task allocation: SLURM_PROCID=0 of SLURM_NTASKS is
+        # set there too, but no peer will ever start; without this check rank 0 waits for them until the
+        # rendezvous times out (30 min).
+        raise UserError(f"Slurm job {env['SLURM_JOB_ID']} has {env['SLURM_NTASKS']} tasks but this process was not "
+                        "started by srun: run `srun python -m trainer.cli ...` (one process per task; "
+                        "slurm/*.sbatch do), or `srun -n 1 ...` for a single process")
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_JOB_ID" in env:
         world = get("SLURM_NTASKS", 1)
         addr = env.get("MASTER_ADDR") or (slurm_master_addr(env["SLURM_JOB_NODELIST"]) if world > 1

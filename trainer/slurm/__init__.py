@@ -1,0 +1,7 @@
+"""Slurm submission helpers behind slurm/*.sh (the sbatch scripts themselves live in slurm/).
+
+    sbatch.py     read a script's #SBATCH defaults and sbatch options -> the resources; check, then submit
+    pipeline.py   a study's graph (trainer/pipeline) as a chain of job arrays with afterok dependencies,
+                  and the runner each of those jobs starts
+    __main__.py   `python -m trainer.slurm submit | pipeline | run-node | grid-task` (what the scripts call)
+"""

@@ -1,0 +1,421 @@
+"""A study on Slurm: `wellread pipeline`'s graph (trainer/pipeline/graph.py) submitted as a chain of job arrays.
+
+    slurm/submit_pipeline.sh STUDY.yaml [overrides] [--check] [--dry-run] [--sbatch KIND=OPTIONS ...]
+                             [--label-shards N] [--preprocess-tasks N]
+
+Nothing of the graph is rebuilt here: the nodes, their recipes, the cache keys and each node's command line
+(`stage_command`, with srun as the launcher) are the pipeline's own. What this adds:
+
+- Jobs. Nodes already finished for the same key are not submitted. The others are grouped by kind and depth
+  into job arrays (one array task per node): preprocessing -> the pre-training grid -> teacher fine-tuning ->
+  the labeling array (task i writes shard i of n) -> finalize -> distillation -> fine-tuning -> evaluation ->
+  the report. Each job starts with `--dependency=afterok:` on the jobs holding its inputs and
+  `--kill-on-invalid-dep=yes`, so a failing stage cancels everything downstream of it (and the report).
+- Resources. Each kind's job uses that stage's sbatch script (slurm/pretrain_grid.sbatch, finetune, label,
+  distill, evaluate, preprocess; slurm/wellread.sbatch for finalize, select and the report), so the #SBATCH
+  defaults there apply; `--sbatch distill="-N 4 --ntasks-per-node=8 --gpus-per-node=8"` adds options.
+- A job runs `python -m trainer.slurm run-node PLAN GROUP`, which does what the local runner does for one
+  node: compute its key from the finished markers of its inputs, skip it when cached, clear or resume its
+  directory, write its recipe, run its command (srun for the stages that run on several ranks), and write the
+  finished marker. A stage stopped for pre-emption exits 75 and the job requeues itself (slurm/common.sh);
+  the requeued task resumes the node from its checkpoints.
+- `--check` runs `wellread check` on every node that will run, with the resources of its job, before anything
+  is submitted (paths that an earlier job of the same study will write are not required to exist yet).
+
+TensorBoard: every job writes its events under study.out_dir (`tensorboard --logdir STUDY_OUT_DIR`); job logs
+go to STUDY_OUT_DIR/slurm/logs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer.errors import UserError
+from trainer.fileio import atomic_write_bytes, atomic_write_json
+
+# graph node kind -> the sbatch script whose #SBATCH defaults its job takes
+SCRIPTS = {"preprocess": "preprocess.sbatch", "pretrain": "pretrain_grid.sbatch", "finetune": "finetune.sbatch",
+           "label": "label.sbatch", "distill": "distill.sbatch", "evaluate": "evaluate.sbatch"}
+ORDER = ("preprocess", "merge", "pretrain", "init-student", "finetune", "label", "finalize", "distill", "select",
+         "evaluate", "report")
+LOCAL_KINDS = ("merge", "finalize", "select", "report", "init-student")  # one process in the batch step
+
+
+@dataclass
+class Group:
+    """One job array: `nodes[i]` runs in array task i (a shard group runs one node in every task)."""
+
+    kind: str  # a node kind, or label shards / finalize, preprocess parts / merge, report
+    nodes: list[str]
+    deps: list[int] = field(default_factory=list)  # indices of the groups it waits for
+    tasks: int = 1
+    mode: str = "run"  # run | shards | finalize | parts | merge | report
+    job: str | None = None
+
+    @property
+    def script(self) -> str:
+        if self.kind in SCRIPTS and self.mode in ("run", "shards", "parts"):
+            return SCRIPTS[self.kind]
+        return "wellread.sbatch"
+
+
+# ---------------------------------------------------------------------------------------------- plan
+def node_record(node) -> dict[str, Any]:
+    d = asdict(node)
+    d["out_dir"] = str(node.out_dir)
+    d["inputs"] = [str(p) for p in node.inputs]
+    return d
+
+
+def node_from(record: dict[str, Any]):
+    from trainer.pipeline.graph import Node
+
+    return Node(**{**record, "out_dir": Path(record["out_dir"]), "inputs": [Path(p) for p in record["inputs"]]})
+
+
+def make_groups(graph, to_run: list[str], label_shards: int, preprocess_tasks: int) -> list[Group]:
+    """Job arrays for the nodes to run, each after the groups holding its inputs, in submission order."""
+    last: dict[str, int] = {}  # node id -> index of the group whose success means the node is finished
+    depth: dict[int, int] = {}
+    groups: list[Group] = []
+    pending: dict[tuple[int, str], int] = {}
+
+    def add(kind: str, node_ids: list[str], deps: set[int], tasks: int, mode: str) -> int:
+        level = 1 + max((depth[d] for d in deps), default=-1)
+        key = (level, kind)
+        if mode == "run" and key in pending:  # same kind at the same depth: one more task of that array
+            g = pending[key]
+            groups[g].nodes += node_ids
+            groups[g].tasks += len(node_ids)
+            groups[g].deps = sorted(set(groups[g].deps) | deps)
+            return g
+        groups.append(Group(kind, node_ids, sorted(deps), tasks, mode))
+        depth[len(groups) - 1] = level
+        if mode == "run":
+            pending[key] = len(groups) - 1
+        return len(groups) - 1
+
+    for node in graph:
+        if node.id not in to_run:
+            continue
+        deps = {last[d] for d in node.deps if d in last}
+        if node.kind == "label" and label_shards > 1:
+            shards = add("label", [node.id], deps, label_shards, "shards")
+            last[node.id] = add("finalize", [node.id], {shards}, 1, "finalize")
+        elif node.kind == "preprocess" and preprocess_tasks > 1:
+            parts = add("preprocess", [node.id], deps, preprocess_tasks, "parts")
+            last[node.id] = add("merge", [node.id], {parts}, 1, "merge")
+        else:
+            last[node.id] = add(node.kind, [node.id], deps, 1, "run")
+    # a group may have been joined by a node whose deps are deeper: order by depth so deps come first
+    order = sorted(range(len(groups)), key=lambda g: (_level(groups, g), ORDER.index(groups[g].kind)
+                                                      if groups[g].kind in ORDER else len(ORDER)))
+    remap = {old: new for new, old in enumerate(order)}
+    ordered = [groups[g] for g in order]
+    for g in ordered:
+        g.deps = sorted(remap[d] for d in g.deps)
+    for g in ordered:  # afterok on a job already implied by another dependency adds nothing: drop it
+        implied = {a for d in g.deps for a in _ancestors(ordered, d)}
+        g.deps = [d for d in g.deps if d not in implied]
+    if ordered:
+        ordered.append(Group("report", [], list(range(len(ordered))), 1, "report"))
+    return ordered
+
+
+def _ancestors(groups: list[Group], g: int) -> set[int]:
+    out: set[int] = set()
+    stack = list(groups[g].deps)
+    while stack:
+        d = stack.pop()
+        if d not in out:
+            out.add(d)
+            stack.extend(groups[d].deps)
+    return out
+
+
+def _level(groups: list[Group], g: int, seen: tuple[int, ...] = ()) -> int:
+    if g in seen:
+        raise AssertionError("cycle in the job graph")
+    return 1 + max((_level(groups, d, (*seen, g)) for d in groups[g].deps), default=-1)
+
+
+# ---------------------------------------------------------------------------------------------- submit
+@dataclass
+class Options:
+    recipe: str
+    overrides: list[str]
+    check: bool = False
+    dry_run: bool = False
+    sbatch: dict[str, list[str]] = field(default_factory=dict)  # kind -> extra sbatch options
+    label_shards: int = 2
+    preprocess_tasks: int = 1
+    gpu_mem: float | None = None
+
+
+def parse(argv: list[str]) -> Options:
+    p = argparse.ArgumentParser(prog="slurm/submit_pipeline.sh", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", help="study recipe (YAML, as for `wellread pipeline`)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the study recipe")
+    p.add_argument("--check", action="store_true", help="only check every stage that would run; submit nothing")
+    p.add_argument("--dry-run", action="store_true", help="print the jobs and their sbatch commands; submit nothing")
+    p.add_argument("--sbatch", action="append", default=[], metavar="KIND=OPTIONS",
+                   help="extra sbatch options for one kind of job (preprocess, pretrain, finetune, label, distill, "
+                        "evaluate, finalize, merge, select, report) or 'all'; repeatable")
+    p.add_argument("--label-shards", type=int, default=2, help="array tasks of each labeling job (default 2)")
+    p.add_argument("--preprocess-tasks", type=int, default=1,
+                   help="array tasks sharing the corpus files of each preprocessing node (default 1)")
+    p.add_argument("--gpu-mem", type=float, default=None, help="GiB of one GPU, for the memory check")
+    a = p.parse_intermixed_args(argv)  # overrides may come before or after the options
+    extra: dict[str, list[str]] = {}
+    for item in a.sbatch:
+        kind, eq, opts = item.partition("=")
+        if not eq or kind not in (*ORDER, "all"):
+            raise UserError(f"--sbatch {item!r}: expected KIND=OPTIONS with KIND one of {', '.join(ORDER)} or all")
+        extra.setdefault(kind, []).extend(shlex.split(opts))
+    if a.label_shards < 1 or a.preprocess_tasks < 1:
+        raise UserError("--label-shards and --preprocess-tasks must be at least 1")
+    gpu_mem = a.gpu_mem if a.gpu_mem is not None else (float(os.environ["WELLREAD_GPU_MEM_GIB"])
+                                                       if os.environ.get("WELLREAD_GPU_MEM_GIB") else None)
+    return Options(a.recipe, a.overrides, a.check, a.dry_run, extra, a.label_shards, a.preprocess_tasks, gpu_mem)
+
+
+def group_options(group: Group, opts: Options) -> list[str]:
+    return [*opts.sbatch.get("all", []), *opts.sbatch.get(group.kind, [])]
+
+
+def check_group(graph, group: Group, opts: Options, produced: list[Path], slurm_dir: Path) -> list[str]:
+    """`wellread check` of every node of a group, on the resources its job will have."""
+    from trainer.config import from_dict
+    from trainer.slurm.sbatch import directives, parse_options, resources
+    from trainer.stages.check import Checked, check_evaluate, check_recipe, check_stage
+
+    script_opts, _ = parse_options(directives(slurm_dir / group.script))
+    cli_opts, _ = parse_options(group_options(group, opts))
+    res = resources({**script_opts, **cli_opts}, opts.gpu_mem)
+    res.array = list(range(group.tasks)) if group.mode in ("shards", "parts") else None
+    out = Checked()
+    for node_id in group.nodes:
+        node = graph.nodes[node_id]
+        where = f"{node.id} ({node.kind})"
+        if node.recipe is not None and node.kind in ("pretrain", "finetune", "label", "distill"):
+            cls = _recipe_class(node.kind)
+            check_recipe(node.kind, from_dict(cls, node.recipe, where), where, res, out, produced)
+        elif node.kind == "evaluate":
+            a = _evaluate_args(node.args)
+            check_evaluate(a.model, a.task, a.split, a.data_root, produced)
+        elif node.kind == "preprocess" and group.mode in ("run", "parts"):
+            out.lines += check_stage("preprocess", node.args, res, produced).lines
+    return out.lines
+
+
+def _recipe_class(kind: str):
+    from trainer.stages.distill import DistillRecipe
+    from trainer.stages.finetune import FinetuneRecipe
+    from trainer.stages.label import LabelRecipe
+    from trainer.stages.pretrain import PretrainRecipe
+
+    classes = {"pretrain": PretrainRecipe, "finetune": FinetuneRecipe, "label": LabelRecipe, "distill": DistillRecipe}
+    return classes[kind]
+
+
+def _evaluate_args(args: list[str]) -> argparse.Namespace:
+    from trainer.cli import build_parser
+
+    return build_parser("evaluate").parse_args(["evaluate", *args])
+
+
+def submit(opts: Options, stream=sys.stdout) -> list[Group]:
+    """Build the study's graph, check it, write the plan and submit its jobs; -> the groups (with job ids)."""
+    from trainer.pipeline.graph import build_graph
+    from trainer.pipeline.runner import plan, write_plan_record
+    from trainer.pipeline.study import load_study
+    from trainer.slurm.sbatch import SLURM_DIR, sbatch
+
+    study, students = load_study(opts.recipe, opts.overrides)
+    graph = build_graph(study, students, opts.recipe)
+    rows = plan(graph)
+    to_run = [node.id for node, st, _ in rows if st is None or not st.cached]
+    print(f"study {opts.recipe} -> {graph.out_dir}: {len(rows)} stages, {len(to_run)} to run, "
+          f"{len(rows) - len(to_run)} cached", file=stream, flush=True)
+    groups = make_groups(graph, to_run, opts.label_shards, opts.preprocess_tasks)
+    produced = [graph.nodes[n].out_dir for n in to_run]
+    for g in groups:
+        if g.mode != "report":
+            for line in check_group(graph, g, opts, produced, SLURM_DIR):
+                if opts.check:
+                    print(f"  {line}", file=stream)
+    if opts.check:
+        print(f"check passed: {len(groups)} job(s) would be submitted", file=stream, flush=True)
+        return groups
+    if not groups:
+        print("every stage is finished; nothing to submit (wellread report to rebuild the results)", file=stream)
+        return groups
+    slurm_root = Path(graph.out_dir) / "slurm"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    plan_path = (slurm_root / f"plan-{stamp}-{os.getpid()}.json").absolute()
+    logs = (slurm_root / "logs").absolute()
+    record = {"recipe": opts.recipe, "overrides": opts.overrides, "out_dir": str(graph.out_dir),
+              "cwd": os.getcwd(), "label_shards": opts.label_shards, "preprocess_tasks": opts.preprocess_tasks,
+              "nodes": {n: node_record(graph.nodes[n]) for n in to_run},
+              "deps_done": {d: str(graph.nodes[d].out_dir) for n in to_run for d in graph.nodes[n].deps
+                            if d not in to_run},
+              "groups": [asdict(g) for g in groups]}
+    if not opts.dry_run:
+        logs.mkdir(parents=True, exist_ok=True)
+        write_plan_record(graph, opts.recipe)
+        atomic_write_json(plan_path, record)
+    name = Path(graph.out_dir).name
+    for i, g in enumerate(groups):
+        options = [f"--job-name=wr-{name}-{g.kind}", f"--array=0-{g.tasks - 1}", f"--output={logs}/%x-%A_%a.out",
+                   "--kill-on-invalid-dep=yes", *group_options(g, opts)]
+        if g.deps:
+            options.insert(0, "--dependency=afterok:" + ":".join(groups[d].job or f"<{d}>" for d in g.deps))
+        args = ["--pipeline-node", str(plan_path), str(i)]
+        script = SLURM_DIR / g.script
+        if opts.dry_run:
+            g.job = f"<{i}>"
+        else:
+            g.job = sbatch(options, script, args)
+            record["groups"][i]["job"] = g.job
+        shown = ", ".join(g.nodes[:3]) + (f" (+{len(g.nodes) - 3})" if len(g.nodes) > 3 else "")
+        after = ",".join(str(groups[d].job) for d in g.deps) or "-"
+        print(f"  job {g.job:<10} {g.kind:<10} {g.tasks:>3} task(s)  after {after:<16} {shown}", file=stream,
+              flush=True)
+        if opts.dry_run:
+            print(f"      sbatch {shlex.join(options)} {script} {shlex.join(args)}", file=stream)
+    if not opts.dry_run:
+        atomic_write_json(plan_path, record)
+        print(f"submitted {len(groups)} job(s); plan {plan_path}; logs {logs}/\n"
+              f"results: {Path(graph.out_dir) / 'results.md'} when job {groups[-1].job} (report) ends\n"
+              f"TensorBoard: tensorboard --logdir {graph.out_dir}", file=stream, flush=True)
+        print(" ".join(g.job for g in groups), file=stream, flush=True)
+    return groups
+
+
+def pipeline_main(argv: list[str]) -> int:
+    submit(parse(list(argv)))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- in the job
+@contextlib.contextmanager
+def node_lock(out_dir: Path) -> Iterator[None]:
+    """Serialises the cache decisions of the array tasks that share one node (label shards, preprocess parts)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.parent / f".{out_dir.name}.slurm-lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class Child:
+    """The stage command, with SIGUSR1/SIGTERM that reach this process passed on to it (srun forwards them)."""
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self.forward)
+
+    def forward(self, signum, frame) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signum)
+
+    def run(self, cmd: list[str]) -> int:
+        print(f"$ {shlex.join(cmd)}", flush=True)
+        self.proc = subprocess.Popen(cmd)
+        while True:
+            try:
+                return self.proc.wait()
+            except InterruptedError:  # pragma: no cover
+                continue
+
+
+def upstream_digests(node, record: dict[str, Any]) -> dict[str, str]:
+    """Output digests of the node's inputs, from their finished markers (the jobs before this one wrote them)."""
+    from trainer.pipeline import cache
+
+    digests = {}
+    for dep in node.deps:
+        out = record["nodes"][dep]["out_dir"] if dep in record["nodes"] else record["deps_done"][dep]
+        marker = cache.read_marker(Path(out) / cache.DONE)
+        if marker is None:
+            raise UserError(f"{node.id}: input stage {dep} is not finished ({Path(out) / cache.DONE} missing)")
+        digests[dep] = marker["output_digest"]
+    return digests
+
+
+def run_node_main(argv: list[str]) -> int:
+    """`python -m trainer.slurm run-node PLAN GROUP`: this array task's share of the group; -> exit code."""
+    from trainer.pipeline import cache
+    from trainer.pipeline.graph import stage_command
+    from trainer.pipeline.runner import dump_yaml_dict
+
+    if len(argv) != 2:
+        raise UserError("usage: python -m trainer.slurm run-node PLAN.json GROUP")
+    record = json.loads(Path(argv[0]).read_text())
+    os.chdir(record["cwd"])
+    group = Group(**record["groups"][int(argv[1])])
+    task = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
+    if group.mode == "report":
+        from trainer.pipeline.report import write_report
+
+        paths = write_report(Path(record["out_dir"]))
+        print(paths.table)
+        print(f"results: {paths.md}  {paths.json}\nplot: {paths.png}\nTensorBoard: tensorboard --logdir "
+              f"{record['out_dir']}", flush=True)
+        return 0
+    node = node_from(record["nodes"][group.nodes[0] if group.mode != "run" else group.nodes[task]])
+    digests = upstream_digests(node, record)
+    with node_lock(node.out_dir):
+        st = cache.status(node, digests)
+        if st.cached:
+            print(f"{node.id}: cached (finished earlier with the same inputs)", flush=True)
+            return 0
+        if group.mode in ("run", "shards", "parts"):
+            print(f"{node.id}: running {node.kind} ({st.reason})", flush=True)
+            cache.prepare(node, st)
+            if node.recipe is not None:
+                atomic_write_bytes(node.recipe_path, dump_yaml_dict(node.recipe).encode())
+    t0 = time.time()
+    if node.kind == "select":
+        from trainer.pipeline.report import run_select
+
+        run_select(node)
+        cmd = None
+    else:
+        srun = ["srun", "--kill-on-bad-exit=1", "--unbuffered", sys.executable]
+        cmd = stage_command(node, srun)
+        if group.mode == "shards":
+            cmd += ["--shard-index", str(task), "--num-shards", str(group.tasks)]
+        elif group.mode == "finalize":
+            cmd = [sys.executable, "-m", "trainer.cli", "label", str(node.recipe_path), "--finalize"]
+        elif group.mode == "parts":
+            cmd += ["--task-index", str(task), "--num-tasks", str(group.tasks)]
+        elif group.mode == "merge":
+            cmd += ["--merge", "--num-tasks", str(record["preprocess_tasks"])]
+        rc = Child().run(cmd)
+        if rc != 0:
+            print(f"{node.id}: {node.kind} exited {rc}", file=sys.stderr, flush=True)
+            return rc
+    if group.mode in ("run", "finalize", "merge"):
+        with node_lock(node.out_dir):
+            cache.finish(node, st, time.time() - t0, cmd)
+        print(f"{node.id}: finished in {time.time() - t0:.0f}s", flush=True)
+    return 0
