@@ -328,6 +328,10 @@ def arrays(tmp_path_factory, small) -> dict[str, object]:
     jobs["distill4"] = sbatch("-N", "2", "--ntasks-per-node=2", "-o", f"{root}/distill4-%j.out",
                               "slurm/distill.sbatch", str(small["distill"]), f"run.out_dir={root / 'distill4'}",
                               env=env)
+    # a 2-task allocation whose script starts Python without srun: refused at start-up, not after a timeout
+    jobs["no_srun"] = sbatch("-N", "2", "--ntasks-per-node=1", "-o", f"{root}/no-srun-%j.out", "--wrap",
+                             f"{sys.executable} -m trainer.cli distill {small['distill']} run.out_dir={root / 'x'}",
+                             env=env)
     yield {"root": root, "jobs": jobs}
     subprocess.run(["scancel", *jobs.values()], capture_output=True)
 
@@ -337,6 +341,18 @@ def distill_1proc(small) -> Path:
     out = small["root"] / "distill-1proc"
     run(1, "distill", str(small["distill"]), f"run.out_dir={out}")
     return out
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_python_without_srun_in_a_two_task_job_fails_at_start_up(arrays):
+    job = arrays["jobs"]["no_srun"]
+    wait_jobs(job, timeout=600)  # the rendezvous it would otherwise wait in times out after 30 minutes
+    log = log_of(next(arrays["root"].glob("no-srun-*.out")))
+    assert states(job) == ["FAILED"] and field(job, "ExitCode") == "2:0", log[-2000:]
+    assert f"Slurm job {job} has 2 tasks but this process was not started by srun" in log
+    start, end = (time.mktime(time.strptime(field(job, k), "%Y-%m-%dT%H:%M:%S")) for k in ("StartTime", "EndTime"))
+    assert end - start < 300, "it failed at start-up"
 
 
 @pytest.mark.slow
@@ -541,7 +557,7 @@ def test_a_failing_stage_cancels_its_dependents(tmp_path):
     out = tmp_path / "study"
     recipe = study_yaml(tmp_path / "s.yaml", out, ["kd"], train={"max_nonfinite_in_a_row": 1},
                         debug={"nan_at_steps": [1]})
-    proc = submit_pipeline(str(recipe))
+    proc = submit_pipeline(str(recipe), "--sbatch", "distill=-N 1")
     assert proc.returncode == 0, proc.stderr
     jobs = submitted_jobs(proc.stdout)
     assert set(jobs) == {"finetune", "label", "finalize", "distill", "evaluate", "report"}
@@ -550,6 +566,8 @@ def test_a_failing_stage_cancels_its_dependents(tmp_path):
     finally:
         subprocess.run(["scancel", *jobs.values()], capture_output=True)
     assert states(jobs["finetune"]) == ["FAILED"]
+    log = "".join(log_of(p) for p in (out / "slurm" / "logs").glob("*finetune*.out"))
+    assert "1 non-finite steps in a row" in log and "teacher: finetune exited 1" in log, log[-3000:]
     for kind in ("label", "finalize", "distill", "evaluate", "report"):
         assert set(states(jobs[kind])) == {"CANCELLED"}, (kind, states(jobs[kind]))
     assert not (out / "results.md").exists()
