@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DEMO_BOOKS, FIXTURE_DATA, ROOT
+from conftest import DEMO_BOOKS, FIXTURE_DATA, ROOT, run_cli
 from distributed import metrics, run
 
 from trainer.errors import UserError
@@ -53,8 +53,8 @@ def job_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def sbatch(*args: str, env: dict[str, str] | None = None) -> str:
-    proc = subprocess.run(["sbatch", "--parsable", *args], cwd=ROOT, env=env or job_env(), capture_output=True,
+def sbatch(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> str:
+    proc = subprocess.run(["sbatch", "--parsable", *args], cwd=cwd, env=env or job_env(), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
@@ -332,6 +332,11 @@ def arrays(tmp_path_factory, small) -> dict[str, object]:
     jobs["no_srun"] = sbatch("-N", "2", "--ntasks-per-node=1", "-o", f"{root}/no-srun-%j.out", "--wrap",
                              f"{sys.executable} -m trainer.cli distill {small['distill']} run.out_dir={root / 'x'}",
                              env=env)
+    # submitted from a directory without slurm/: the spooled script finds common.sh through the installed package
+    elsewhere = root / "elsewhere"
+    elsewhere.mkdir()
+    jobs["elsewhere"] = sbatch("-o", f"{root}/elsewhere-%j.out", str(ROOT / "slurm" / "wellread.sbatch"), "models",
+                               env={**env, "PYTHONPATH": ""}, cwd=elsewhere)
     yield {"root": root, "jobs": jobs}
     subprocess.run(["scancel", *jobs.values()], capture_output=True)
 
@@ -353,6 +358,17 @@ def test_python_without_srun_in_a_two_task_job_fails_at_start_up(arrays):
     assert f"Slurm job {job} has 2 tasks but this process was not started by srun" in log
     start, end = (time.mktime(time.strptime(field(job, k), "%Y-%m-%dT%H:%M:%S")) for k in ("StartTime", "EndTime"))
     assert end - start < 300, "it failed at start-up"
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_a_script_submitted_from_elsewhere_finds_its_set_up(arrays):
+    job = arrays["jobs"]["elsewhere"]
+    wait_jobs(job, timeout=600)
+    log = log_of(next(arrays["root"].glob("elsewhere-*.out")))
+    assert states(job) == ["COMPLETED"], log[-2000:]
+    assert field(job, "WorkDir") == str(arrays["root"] / "elsewhere")
+    assert "wellread: job" in log and "bert-L12-H768" in log, log[-2000:]
 
 
 @pytest.mark.slow
@@ -521,6 +537,9 @@ def test_dry_run_orders_the_jobs_and_chains_them(tmp_path):
     assert set(by_kind["distill"][2].split(",")) == {f"<{by_kind['finalize'][0]}>", f"<{by_kind['pretrain'][0]}>"}
     assert "--kill-on-invalid-dep=yes" in proc.stdout and "slurm/label.sbatch" in proc.stdout
     assert not out.exists(), "a dry run writes nothing"
+    same = run_cli("pipeline", str(recipe), "distill.train.micro_batch=16", "--slurm", "--dry-run")
+    assert same.returncode == 0, same.stderr  # 2 ranks (distill.sbatch's 2 nodes) x 16 = 32
+    assert re.findall(r"^  job <\d+>\s+(\S+)", same.stdout, re.M) == order
     bad = submit_pipeline(str(recipe), "--check", "study.students=[bert-L3-H100]")
     assert bad.returncode == 2 and "unknown model 'bert-L3-H100'" in bad.stderr, bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1

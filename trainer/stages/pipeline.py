@@ -15,9 +15,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="study recipe (YAML; see recipes/demo_study.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the study recipe, e.g. study.seeds=[1,2,3]")
     p.add_argument("--dry-run", action="store_true", help="print what would run and what is cached, run nothing")
+    p.add_argument("--slurm", action="store_true",
+                   help="submit the study as Slurm jobs (as slurm/submit_pipeline.sh, which takes more options)")
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.slurm:
+        from trainer.slurm.pipeline import Options, submit
+
+        submit(Options(args.recipe, list(args.overrides), dry_run=args.dry_run))
+        return 0
     from trainer.pipeline.graph import build_graph
     from trainer.pipeline.runner import run_graph
     from trainer.pipeline.study import load_study
