@@ -27,6 +27,10 @@ export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 export PYTHONUNBUFFERED=1
 PY=${WELLREAD_PYTHON:-python}
 WELLREAD_EXIT_RESUMABLE=75  # trainer/preemption.py EXIT_RESUMABLE
+# Every rank stopped for pre-emption touches this (node-local) file and exits 0 (trainer/slurm/task.py says why);
+# the batch script runs on the first node of the allocation, where rank 0 runs.
+export WELLREAD_STOP_MARKER="${TMPDIR:-/tmp}/wellread-stopped-${SLURM_JOB_ID:-$$}"
+rm -f "$WELLREAD_STOP_MARKER"
 _wellread_got_term=0
 _wellread_child=
 
@@ -76,7 +80,7 @@ _wellread_check_gpus() {
 
 wellread_srun() {
   _wellread_check_gpus
-  _wellread_wait srun --kill-on-bad-exit=1 --unbuffered "$PY" -m trainer.cli "$@"
+  _wellread_wait srun --kill-on-bad-exit=1 --unbuffered "$PY" -m trainer.slurm.task "$@"
 }
 
 wellread_local() {
@@ -85,6 +89,10 @@ wellread_local() {
 
 wellread_exit() {
   local rc=$1
+  if [ "$rc" -eq 0 ] && [ -e "$WELLREAD_STOP_MARKER" ]; then
+    rc=$WELLREAD_EXIT_RESUMABLE
+    rm -f "$WELLREAD_STOP_MARKER"
+  fi
   if [ "$rc" -eq "$WELLREAD_EXIT_RESUMABLE" ]; then
     if [ "$_wellread_got_term" = 1 ]; then
       echo "wellread: stopped by SIGTERM (cancelled, or requeued/pre-empted by Slurm); checkpoint saved"

@@ -38,6 +38,7 @@ from trainer.errors import UserError
 from trainer.launcher import detect
 
 N_TRANSFER = 257  # 4 global batches of 64 + 1
+DONE = "pipeline-stage.json"  # trainer/pipeline/cache.py: the marker of a finished stage
 TIMEOUT = 1200  # generous: the machine is shared and a 2-core cluster runs these jobs
 
 
@@ -483,7 +484,7 @@ def test_preempted_then_requeued_job_resumes_to_the_uninterrupted_losses(small, 
 
 
 # ---------------------------------------------------------------------------------------------- the pipeline
-def study_yaml(path: Path, out: Path, methods: list[str], **teacher_extra) -> Path:
+def study_yaml(path: Path, out: Path, methods: list[str], books: int = 1, **teacher_extra) -> Path:
     """A tiny study: BERT-Tiny, a few steps per stage, a random-init teacher fine-tuned for 2 steps."""
     import yaml
 
@@ -492,7 +493,7 @@ def study_yaml(path: Path, out: Path, methods: list[str], **teacher_extra) -> Pa
     recipe = {
         "study": {"out_dir": str(out), "task": "sst2", "data_root": str(FIXTURE_DATA), "students": ["bert-L2-H128"],
                   "methods": methods, "seeds": [1], "evaluation": "command"},
-        "corpus": {"files": [str(DEMO_BOOKS[0])], "strip_gutenberg": True, "seq_len": 64},
+        "corpus": {"files": [str(b) for b in DEMO_BOOKS[:books]], "strip_gutenberg": True, "seq_len": 64},
         "pretrain": {"model": {"dropout": 0.0}, "data": {"verify": "size"},
                      "train": {**small_train, "steps": 3, "micro_batch": 8, "global_batch": 8},
                      "engine": {"ds_config": "zero0"}, "run": run_cfg},
@@ -549,11 +550,12 @@ def test_dry_run_orders_the_jobs_and_chains_them(tmp_path):
 @pytest.mark.slurm
 def test_submit_pipeline_runs_the_study_to_its_results_table(tmp_path):
     out = tmp_path / "study"
-    recipe = study_yaml(tmp_path / "s.yaml", out, ["kd", "pd"])
-    proc = submit_pipeline(str(recipe), "--sbatch", "distill=-N 1")
+    recipe = study_yaml(tmp_path / "s.yaml", out, ["kd", "pd"], books=2)
+    proc = submit_pipeline(str(recipe), "--sbatch", "distill=-N 1", "--preprocess-tasks", "2")
     assert proc.returncode == 0, proc.stderr
     jobs = submitted_jobs(proc.stdout)
-    assert set(jobs) == {"preprocess", "finetune", "pretrain", "label", "finalize", "distill", "evaluate", "report"}
+    assert set(jobs) == {"preprocess", "merge", "finetune", "pretrain", "label", "finalize", "distill", "evaluate",
+                         "report"}
     try:
         wait_jobs(*jobs.values())
     finally:
@@ -564,7 +566,9 @@ def test_submit_pipeline_runs_the_study_to_its_results_table(tmp_path):
     table = (out / "results.md").read_text()
     assert "kd" in table and "pd" in table and "bert-L2-H128" in table
     results = json.loads((out / "results.json").read_text())
-    assert results and (out / "teacher" / "pipeline-stage.json").is_file()
+    assert results and (out / "teacher" / DONE).is_file()
+    corpus = json.loads((out / "corpus" / "manifest.json").read_text())
+    assert corpus["parts"]["tasks"] == 2 and len(corpus["sources"]) == 2 and (out / "corpus" / DONE).is_file()
     assert any(p.name.startswith("events.out.tfevents") for p in out.rglob("*")), "TensorBoard under the study"
     again = submit_pipeline(str(recipe))
     assert again.returncode == 0 and "nothing to submit" in again.stdout, again.stdout + again.stderr

@@ -289,7 +289,14 @@ def submit(opts: Options, stream=sys.stdout) -> list[Group]:
         if opts.dry_run:
             g.job = f"<{i}>"
         else:
-            g.job = sbatch(options, script, args)
+            try:
+                g.job = sbatch(options, script, args)
+            except UserError:
+                submitted = [h.job for h in groups[:i] if h.job]
+                if submitted:  # no half-submitted chain: what was submitted would run without its successors
+                    subprocess.run(["scancel", *submitted], capture_output=True)
+                    print(f"cancelled the jobs already submitted: {' '.join(submitted)}", file=sys.stderr)
+                raise
             record["groups"][i]["job"] = g.job
         shown = ", ".join(g.nodes[:3]) + (f" (+{len(g.nodes) - 3})" if len(g.nodes) > 3 else "")
         after = ",".join(str(groups[d].job) for d in g.deps) or "-"
@@ -400,7 +407,7 @@ def run_node_main(argv: list[str]) -> int:
         run_select(node)
         cmd = None
     else:
-        srun = ["srun", "--kill-on-bad-exit=1", "--unbuffered", sys.executable]
+        srun = ["srun", "--kill-on-bad-exit=1", "--unbuffered", sys.executable, "-m", "trainer.slurm.task"]
         cmd = stage_command(node, srun)
         if group.mode == "shards":
             cmd += ["--shard-index", str(task), "--num-shards", str(group.tasks)]
@@ -411,6 +418,10 @@ def run_node_main(argv: list[str]) -> int:
         elif group.mode == "merge":
             cmd += ["--merge", "--num-tasks", str(record["preprocess_tasks"])]
         rc = Child().run(cmd)
+        marker = os.environ.get("WELLREAD_STOP_MARKER")
+        if rc == 0 and marker and os.path.exists(marker):  # every rank stopped for pre-emption (trainer/slurm/task.py)
+            print(f"{node.id}: stopped for pre-emption; the requeued job resumes it", flush=True)
+            return 75
         if rc != 0:
             print(f"{node.id}: {node.kind} exited {rc}", file=sys.stderr, flush=True)
             return rc
