@@ -119,6 +119,12 @@ def test_bad_study_keys_are_one_line_errors(tmp_path):
     assert "pd_ft" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_report_of_a_directory_that_is_no_study_is_a_one_line_error(tmp_path):
+    proc = run_cli("report", str(tmp_path))
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert str(tmp_path) in proc.stderr and "study.json" in proc.stderr
+
+
 def test_describe_change_names_the_key():
     from trainer.pipeline.cache import describe_change
 

@@ -131,7 +131,7 @@ def collect(study_dir: Path) -> dict[str, Any]:
         marker = _finished(Path(n["out_dir"]))
         if marker is not None:
             stages.append({"id": n["id"], "kind": n["kind"], "seconds": marker.get("seconds"),
-                           "finished": marker.get("finished")})
+                           "cpu_seconds": marker.get("cpu_seconds"), "finished": marker.get("finished")})
     by_kind: dict[str, float] = {}
     for s in stages:
         by_kind[s["kind"]] = by_kind.get(s["kind"], 0.0) + float(s["seconds"] or 0.0)
@@ -196,13 +196,17 @@ def tables(results: dict[str, Any]) -> str:
 
 
 def markdown(results: dict[str, Any], png_name: str) -> str:
+    if results["lrs"] == [None]:
+        search = "at each method's learning rate from the recipe (no search)"
+    else:
+        search = (f"at the learning rate with the best mean on {results['split']} (searched: "
+                  f"{', '.join(f'{lr:g}' for lr in results['lrs'])}; chosen on the split it is reported on, as in "
+                  "the paper's dev results)")
     lines = [f"# Results of {results['study_dir']}", "",
              f"Recipe `{results['recipe']}`. Task {results['task']}, {results['metric']} on {results['split']} (x100): "
-             "mean ± sample standard deviation over seeds, each seed's value in brackets, at the learning rate "
-             f"with the best mean on {results['split']} (searched: "
-             f"{', '.join('recipe' if lr is None else f'{lr:g}' for lr in results['lrs'])}). The learning rate is "
-             f"chosen on the split it is reported on, as in the paper's dev results. KD, PD and PKD train on the "
-             f"teacher's soft labels only: with one teacher for all label sizes they are the same runs in every "
+             f"mean ± sample standard deviation over seeds, each seed's value in brackets, {search}. "
+             "Labels: the number of labeled training examples (all = the whole train split). KD, PD and PKD train "
+             f"on the teacher's soft labels only: with one teacher for all label sizes they are the same runs in every "
              f"table. {results['stages_finished']} of {results['stages_planned']} stages finished.", "",
              tables(results), "", f"![results]({png_name})", "", "## Runs", "",
              "| method | student | labels | lr | seed | value | run |", "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -226,8 +230,9 @@ def markdown(results: dict[str, Any], png_name: str) -> str:
         count = sum(1 for s in results["stages"] if s["kind"] == kind)
         lines.append(f"| {kind} | {count} | {_fmt_seconds(secs)} |")
     lines.append(f"| all | {len(results['stages'])} | {_fmt_seconds(results['seconds_total'])} |")
-    lines += ["", "| stage | kind | time |", "| --- | --- | --- |"]
-    lines += [f"| {s['id']} | {s['kind']} | {_fmt_seconds(s['seconds'] or 0)} |" for s in results["stages"]]
+    lines += ["", "| stage | kind | wall | CPU (all its processes) |", "| --- | --- | --- | --- |"]
+    lines += [f"| {s['id']} | {s['kind']} | {_fmt_seconds(s['seconds'] or 0)} | "
+              f"{_fmt_seconds(s['cpu_seconds']) if s.get('cpu_seconds') else '-'} |" for s in results["stages"]]
     return "\n".join(lines) + "\n"
 
 
@@ -288,7 +293,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.set_ylabel(f"{results['metric']} (x100)")
         handles, labels = ax.get_legend_handles_labels()
         unique = dict(zip(labels, handles))
-        ax.legend(unique.values(), unique.keys(), fontsize=7, loc="lower right")
+        ax.legend(unique.values(), unique.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
     fig.savefig(tmp, dpi=120)
