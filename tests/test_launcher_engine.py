@@ -17,9 +17,11 @@ def test_detect_torchrun_and_slurm_and_single():
            (3, 4, 1, "10.0.0.1", 1234, "env (deepspeed launcher or manual)")
     assert detect({"RANK": "0", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "x"}).launcher == "torchrun"
     slurm = detect({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "12345",
-                    "SLURM_JOB_NODELIST": "n1", "MASTER_ADDR": "127.0.0.1"})
+                    "SLURM_STEP_ID": "0", "SLURM_JOB_NODELIST": "n1", "MASTER_ADDR": "127.0.0.1"})  # a srun task
     assert (slurm.rank, slurm.world_size, slurm.local_rank, slurm.master_port, slurm.launcher) == \
            (1, 2, 1, 20000 + 12345 % 20000, "slurm")
+    with pytest.raises(UserError, match="not started by srun"):  # the batch shell of a 2-task job
+        detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "12345", "SLURM_JOB_NODELIST": "n1"})
     with pytest.raises(UserError, match="RANK='x' is not an integer"):
         detect({"RANK": "x", "WORLD_SIZE": "2"})
 
