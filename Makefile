@@ -17,13 +17,11 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# The study in miniature (recipes/demo_study.yaml): MLM pre-training, a fine-tuned MiniLM teacher, soft labels,
+# then Basic / PF / KD / PD for BERT-Tiny on a shipped SST-2 slice; ends with the table and the plot's path.
+# A second `make demo` finds every stage cached; `make clean-demo` starts over.
 demo: $(STAMP)
-	$(PY) tools/preprocess_corpus.py data/demo/books/*.txt.gz --strip-gutenberg --seq-len 128 --out $(DEMO)/corpus
-	$(PY) tools/preprocess_corpus.py data/demo/heldout/*.txt.gz --strip-gutenberg --seq-len 128 --out $(DEMO)/heldout
-	$(VENV)/bin/wellread pretrain recipes/demo_pretrain.yaml run.out_dir=$(DEMO)/pretrain
-	$(VENV)/bin/wellread evaluate-mlm --model $(DEMO)/pretrain/export --data $(DEMO)/heldout \
-		--out $(DEMO)/pretrain/heldout-mlm.json
-	@echo "demo done: TensorBoard with  $(VENV)/bin/tensorboard --logdir $(DEMO)"
+	$(VENV)/bin/wellread pipeline recipes/demo_study.yaml study.out_dir=$(DEMO)
 
 # The Slurm tests use the private cluster of tools/local_slurm.sh (root; it refuses to touch a real
 # cluster). Without it, or without ../shared/data (or WELLREAD_DATA), those tests are skipped with a
