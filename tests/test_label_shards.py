@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from trainer.errors import UserError
-from trainer.stages.label import job_shard, slurm_array_position
+from trainer.slurm.array import slurm_array_position
+from trainer.stages.label import job_shard
 
 
 def array_env(spec: str) -> list[dict[str, str]]:

@@ -35,6 +35,7 @@ from trainer.data.preprocess import PackOptions, preprocess, run_fingerprint
 from trainer.data.text_sources import SourceSpec
 from trainer.errors import UserError
 from trainer.fileio import atomic_write_bytes, atomic_write_json, fsync_dir, read_json, remove_stale_tmp, tmp_name
+from trainer.slurm.array import slurm_array_position
 
 PARTS = "parts"
 MERGE_CLAIM = ".merge.claim"
@@ -214,21 +215,9 @@ def _first_shards(parts: list[Mapping]) -> list[int]:
 
 
 def array_position(environ: Mapping[str, str]) -> tuple[int, int]:
-    """(position of this task in its Slurm job array, number of tasks); as trainer.stages.label.slurm_array_position
-    (positions, not ids: --array=1-3 or 0-4:2 are positions 0..2), without importing torch for a tokenizing job."""
-    if "SLURM_ARRAY_TASK_ID" not in environ:
+    """(position of this task in its Slurm job array, number of tasks); an error outside an array."""
+    position = slurm_array_position(environ, flags="--task-index and --num-tasks")
+    if position is None:
         raise UserError("--slurm-array outside a Slurm job array (no SLURM_ARRAY_TASK_ID): use --task-index and "
                         "--num-tasks, or submit with sbatch --array")
-    try:
-        task, count = int(environ["SLURM_ARRAY_TASK_ID"]), int(environ["SLURM_ARRAY_TASK_COUNT"])
-        low = int(environ.get("SLURM_ARRAY_TASK_MIN", task))
-        high = int(environ.get("SLURM_ARRAY_TASK_MAX", low + count - 1))
-        step = int(environ.get("SLURM_ARRAY_TASK_STEP", 1))
-    except (KeyError, ValueError) as e:
-        raise UserError(f"incomplete or non-integer Slurm array variables ({e}); pass --task-index and "
-                        "--num-tasks") from None
-    position, off_grid = divmod(task - low, step) if step > 0 else (-1, 1)
-    if off_grid or not 0 <= position < count or low + (count - 1) * step != high:
-        raise UserError(f"Slurm array task {task} of {count} (min {low}, max {high}, step {step}) is not evenly "
-                        "spaced; pass --task-index and --num-tasks")
-    return position, count
+    return position

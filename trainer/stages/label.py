@@ -36,6 +36,7 @@ from trainer.fileio import sha256_file
 from trainer.launcher import DistEnv, barrier, init_distributed, shutdown
 from trainer.loop import log0
 from trainer.recipe import DebugSection
+from trainer.slurm.array import slurm_array_position
 
 FINALIZE_CLAIM = ".finalize.claim"  # created by the one writer that auto-finalizes
 
@@ -241,30 +242,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-shards", type=int, default=None,
                    help="number of independent jobs (default: the Slurm array's task count, or 1)")
     p.add_argument("--finalize", action="store_true", help="only verify every shard and write the manifest")
-
-
-def slurm_array_position(environ: Mapping[str, str]) -> tuple[int, int] | None:
-    """(position of this task in its Slurm job array, number of tasks), or None outside an array.
-
-    The position, not SLURM_ARRAY_TASK_ID: `--array=1-3` has ids 1..3 and `--array=0-4:2` ids 0, 2, 4,
-    both positions 0..2 of 3. An array that is not evenly spaced (`--array=0,2,5`) has no such
-    position, and is an error asking for --shard-index/--num-shards.
-    """
-    if "SLURM_ARRAY_TASK_ID" not in environ:
-        return None
-    try:
-        task, count = int(environ["SLURM_ARRAY_TASK_ID"]), int(environ["SLURM_ARRAY_TASK_COUNT"])
-        low = int(environ.get("SLURM_ARRAY_TASK_MIN", task))
-        high = int(environ.get("SLURM_ARRAY_TASK_MAX", low + count - 1))
-        step = int(environ.get("SLURM_ARRAY_TASK_STEP", 1))
-    except (KeyError, ValueError) as e:
-        raise UserError(f"incomplete or non-integer Slurm array variables ({e}); pass --shard-index and "
-                        "--num-shards") from None
-    position, off_grid = divmod(task - low, step) if step > 0 else (-1, 1)
-    if off_grid or not 0 <= position < count or low + (count - 1) * step != high:
-        raise UserError(f"Slurm array task {task} of {count} (min {low}, max {high}, step {step}) is not evenly "
-                        "spaced; pass --shard-index and --num-shards")
-    return position, count
 
 
 def job_shard(shard_index: int | None, num_shards: int | None, environ: Mapping[str, str]) -> tuple[int, int]:
