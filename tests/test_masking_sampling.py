@@ -100,10 +100,15 @@ def test_too_small_dataset_is_a_clear_error():
 
 
 # ---------------------------------------------------------------------------------------------- partial last batch
+LENGTHS = np.random.default_rng(0).integers(3, 129, size=1001)  # token lengths of a transfer set
+
+
+@pytest.mark.parametrize("bucketed", [False, True])
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_sampler_covers_every_example_once_per_epoch(world):
+def test_sampler_covers_every_example_once_per_epoch(world, bucketed):
     n, g = 1001, 64
-    samplers = [StoreSampler(n, g, r, world, seed=5) for r in range(world)]
+    lengths = LENGTHS if bucketed else None
+    samplers = [StoreSampler(n, g, r, world, seed=5, lengths=lengths, window=4) for r in range(world)]
     assert samplers[0].batches_per_epoch == 16
     epochs = []
     cursor = Cursor()
@@ -122,8 +127,21 @@ def test_sampler_covers_every_example_once_per_epoch(world):
         epochs.append(order)
     assert cursor == Cursor(2, 0)
     assert not np.array_equal(epochs[0], epochs[1]), "each epoch has its own shuffle"
-    again = StoreSampler(n, g, 0, 1, seed=5)
+    again = StoreSampler(n, g, 0, 1, seed=5, lengths=lengths, window=4)
     assert np.array_equal(np.concatenate([again.rank_items(Cursor(0, b)) for b in range(16)]), epochs[0])
+
+
+def test_bucketed_store_batches_pad_less():
+    """The point of bucketing: the padded tokens of an epoch (batch size x its longest example) shrink."""
+    def padded(sampler: StoreSampler) -> int:
+        return sum(len(b) * int(LENGTHS[b].max()) for b in
+                   (sampler.global_items(Cursor(0, i)) for i in range(sampler.batches_per_epoch)))
+
+    plain, bucketed = StoreSampler(1001, 32, 0, 1, seed=3), StoreSampler(1001, 32, 0, 1, seed=3, lengths=LENGTHS)
+    # Uniform lengths in [3, 128]: a random batch of 32 pads to ~125, a sorted window of 50 batches to ~3 + the
+    # batch's upper end, on average about (3 + 128) / 2 + 125 / 50 / 2.
+    assert padded(bucketed) < 0.6 * padded(plain)
+    assert padded(bucketed) >= int(LENGTHS.sum())
 
 
 def test_sampler_tells_a_rank_it_has_nothing():
@@ -144,11 +162,12 @@ def test_sampler_resumes_mid_epoch_from_a_cursor():
             cursor = sampler.advance(cursor)
         return out, cursor
 
-    full, _ = run(StoreSampler(1001, 64, 1, 3, seed=9), Cursor(), 40)  # crosses two epoch ends
-    first, cursor = run(StoreSampler(1001, 64, 1, 3, seed=9), Cursor(), 11)
-    saved = json.loads(json.dumps(cursor.to_dict()))
-    rest, _ = run(StoreSampler(1001, 64, 1, 3, seed=9), Cursor(**saved), 29)
-    assert all(np.array_equal(a, b) for a, b in zip(full, first + rest))
+    for lengths in (None, LENGTHS):
+        full, _ = run(StoreSampler(1001, 64, 1, 3, seed=9, lengths=lengths), Cursor(), 40)  # crosses two epoch ends
+        first, cursor = run(StoreSampler(1001, 64, 1, 3, seed=9, lengths=lengths), Cursor(), 11)
+        saved = json.loads(json.dumps(cursor.to_dict()))
+        rest, _ = run(StoreSampler(1001, 64, 1, 3, seed=9, lengths=lengths), Cursor(**saved), 29)
+        assert all(np.array_equal(a, b) for a, b in zip(full, first + rest))
 
 
 def test_partial_mode_agrees_with_drop_mode_on_full_batches():

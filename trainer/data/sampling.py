@@ -8,7 +8,8 @@ global batch is the same for any number of ranks.
 * `BatchOrder`: pre-training (drops the partial last batch, as the step count is planned in full
   batches) and, with `partial_last=True`, distillation over a soft-label store (`StoreSampler`: every
   example exactly once per epoch, the last global batch shorter, a rank's slice possibly empty).
-* `BucketedOrder`: fine-tuning, length-bucketed batches so short examples do not pay for long ones.
+* `BucketedOrder`: fine-tuning, and distillation over a store (`StoreSampler` with lengths), length-bucketed
+  batches so short examples do not pay for long ones.
 
 The permutation is a keyed Feistel network with cycle walking, so it costs O(1) memory per index
 instead of an n-element array (a 100M-sequence corpus would need 800 MB per rank).
@@ -135,39 +136,55 @@ class BatchOrder:
         return Cursor(cursor.epoch + 1, 0) if nxt >= self.batches_per_epoch else Cursor(cursor.epoch, nxt)
 
 
-class StoreSampler(BatchOrder):
-    """Distillation over a soft-label store: shuffled, every example exactly once per epoch."""
-
-    def __init__(self, n_examples: int, global_batch: int, rank: int, world_size: int, seed: int):
-        super().__init__(n_examples, global_batch, rank, world_size, seed, what="soft-label store",
-                         partial_last=True)
-
-
 class BucketedOrder(BatchOrder):
     """Length-bucketed global batches: shuffle (seed, epoch), sort windows of `window` batches by length,
     cut into global batches, shuffle the batches. Each rank takes a contiguous slice of a global batch,
     so examples of similar length share a micro-batch and short ones do not pay for long ones.
-    Same cursor semantics as BatchOrder in drop mode (resumable, identical global batches for any rank
-    count)."""
+    Same cursor semantics as BatchOrder (resumable, identical global batches for any rank count). With
+    `partial_last` every item is visited once per epoch: the full batches are shuffled and the remainder
+    stays the last, shorter batch, as in BatchOrder."""
 
     def __init__(self, lengths: np.ndarray, global_batch: int, rank: int, world_size: int, seed: int,
-                 window: int = 50, what: str = "task"):
-        super().__init__(len(lengths), global_batch, rank, world_size, seed, what=what)
+                 window: int = 50, what: str = "task", partial_last: bool = False):
+        super().__init__(len(lengths), global_batch, rank, world_size, seed, what=what, partial_last=partial_last)
         self.lengths, self.window = np.asarray(lengths), max(1, window)
-        self._cache: tuple[int, np.ndarray] | None = None
+        self._cache: tuple[int, list[np.ndarray]] | None = None
 
-    def epoch_batches(self, epoch: int) -> np.ndarray:
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         if self._cache is None or self._cache[0] != epoch:
+            full = self.n // self.g
             order = self.order(epoch)(np.arange(self.n))[: self.batches_per_epoch * self.g]
             span = self.window * self.g
             for start in range(0, len(order), span):
                 part = order[start:start + span]
                 order[start:start + span] = part[np.argsort(self.lengths[part], kind="stable")]
-            batches = order.reshape(self.batches_per_epoch, self.g)
-            shuffle = Permutation(self.batches_per_epoch, self.seed + 1, epoch)(np.arange(self.batches_per_epoch))
-            self._cache = (epoch, batches[shuffle])
+            batches = list(order[: full * self.g].reshape(full, self.g))
+            shuffle = Permutation(full, self.seed + 1, epoch)(np.arange(full)) if full else np.arange(0)
+            batches = [batches[int(i)] for i in shuffle]
+            if len(order) > full * self.g:
+                batches.append(order[full * self.g:])
+            self._cache = (epoch, batches)
         return self._cache[1]
 
     def global_items(self, cursor: Cursor) -> np.ndarray:
         self.check(cursor)
         return self.epoch_batches(cursor.epoch)[cursor.batch]
+
+
+class StoreSampler(BucketedOrder):
+    """Distillation over a soft-label store: shuffled, every example exactly once per epoch; given the
+    examples' token lengths, length-bucketed in windows of `window` global batches (`window=0` or no
+    lengths: a plain shuffle)."""
+
+    def __init__(self, n_examples: int, global_batch: int, rank: int, world_size: int, seed: int,
+                 lengths: np.ndarray | None = None, window: int = 50):
+        if lengths is not None and len(lengths) != n_examples:
+            raise ValueError(f"{len(lengths)} lengths for {n_examples} examples")
+        super().__init__(np.zeros(n_examples, dtype=np.int64) if lengths is None else lengths, global_batch, rank,
+                         world_size, seed, window=window, what="soft-label store", partial_last=True)
+        self.bucketed = lengths is not None and window > 0
+
+    def global_items(self, cursor: Cursor) -> np.ndarray:
+        if self.bucketed:
+            return super().global_items(cursor)
+        return BatchOrder.global_items(self, cursor)

@@ -10,7 +10,8 @@ One stage, three papers, chosen by the recipe:
   top-k `data.store`); loss = a_ce T^2 KL + a_mlm MLM + a_cos cosine; start from `wellread init-student`.
 
 What is special about it: batches are store indices (every example exactly once per epoch for any rank
-count, the last global batch partial, a rank with none runs a zero-weight filler); the store's teacher,
+count, length-bucketed so short sentences do not pay for long ones, the last global batch partial, a rank
+with none runs a zero-weight filler); the store's teacher,
 tokenizer and transfer-set fingerprints are checked, then recorded in OUT/distill-source.json and the
 export; the teacher runs on the data side under no_grad, so the engine holds the student alone.
 
@@ -61,6 +62,7 @@ class DistillData:
     data_root: str | None = None
     eval_batch_size: int = 128
     verify: Literal["full", "size"] = "full"
+    bucket_window: int = 50  # classification: length-bucketed batches within windows of this many (0: plain shuffle)
 
 
 @dataclass
@@ -266,13 +268,17 @@ class Distill(Stage):
                             projection)
 
     def make_order(self, global_batch: int, env: DistEnv) -> BatchOrder:
-        seed = self.recipe.train.seed
+        seed, window = self.recipe.train.seed, self.recipe.data.bucket_window
+        if self.kind == "classification":
+            # Store index i is the example with the i-th smallest id; its length is that transfer example's.
+            lengths = self.encoded.lengths
+            if self.store is not None:
+                lengths = lengths[self.store.batch(np.arange(len(self.store)))["example_ids"]]
+            return StoreSampler(len(lengths), global_batch, env.rank, env.world_size, seed, lengths, window)
         if self.store is not None:
             return StoreSampler(len(self.store), global_batch, env.rank, env.world_size, seed)
-        if self.kind == "mlm":
-            return BatchOrder(len(self.corpus), global_batch, env.rank, env.world_size, seed,
-                              what=str(self.corpus.directory))
-        return StoreSampler(len(self.encoded), global_batch, env.rank, env.world_size, seed)
+        return BatchOrder(len(self.corpus), global_batch, env.rank, env.world_size, seed,
+                          what=str(self.corpus.directory))
 
     # -- each step
     def micro_batches(self, items: np.ndarray, epoch: int, accumulation: int) -> list[dict[str, torch.Tensor]]:
