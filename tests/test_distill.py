@@ -195,6 +195,33 @@ def test_patient_kd_with_an_online_teacher(tmp_path, store, teachers):
     assert source["pkd_map"] == [[1, 1]]
 
 
+@pytest.mark.slow
+def test_patient_kd_from_stored_cls_states_needs_no_teacher(tmp_path, store, teachers):
+    """A store labeled with output.cls_layers runs PKD with no teacher at training time, and matches the online
+    teacher's run: the same KD term (both read the store's logits) and a PKD term that differs only by the fp16
+    rounding of the stored [CLS] vectors (relative 2^-11 per element; far below 1e-2 after three steps)."""
+    rich = tmp_path / "store-cls"
+    recipe = label_recipe(tmp_path / "label.yaml", teachers["a"], rich)
+    run(1, "label", str(recipe), "output.cls_layers=[1,2]")
+    common = ("loss.beta=10", "loss.alpha=0.7", "train.epochs=null", "train.steps=3", "data.eval_task=null")
+    offline, online = tmp_path / "offline", tmp_path / "online"
+    distill(1, distill_recipe(tmp_path / "r.yaml", rich), offline, *common)
+    distill(1, distill_recipe(tmp_path / "r.yaml", rich), online, f"teacher.model={teachers['a']}", *common)
+    source = json.loads((offline / "distill-source.json").read_text())
+    assert source["pkd_map"] == [[1, 1]] and source["pkd_teacher_states"] == "store"
+    assert "online_teacher" not in source
+    for term, tol in (("train/kd", 1e-4), ("train/pkd", 1e-2)):
+        a, b = metrics(offline, term), metrics(online, term)
+        assert len(a) == 3 and a.keys() == b.keys()
+        assert all(math.isclose(a[k], b[k], rel_tol=tol) for k in a), (term, a, b)
+    assert metrics(offline, "train/pkd")[1] > 0
+    # the map needs teacher layer 1; a store holding only layer 2 is refused in one line
+    only2 = tmp_path / "store-l2"
+    run(1, "label", str(label_recipe(tmp_path / "l2.yaml", teachers["a"], only2)), "output.cls_layers=[2]")
+    bad = distill(1, distill_recipe(tmp_path / "r.yaml", only2), tmp_path / "bad", *common, expect=2)
+    assert bad.returncode == 2 and "holds layers [2]" in bad.stderr and "output.cls_layers=[1]" in bad.stderr
+
+
 # ---------------------------------------------------------------------------------------------- DistilBERT
 @pytest.fixture(scope="module")
 def mlm_setup(tmp_path_factory) -> dict[str, Path]:

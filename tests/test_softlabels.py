@@ -111,6 +111,39 @@ def test_classification_round_trip_is_bit_exact(tmp_path):
         store.example(301)
 
 
+def test_cls_states_round_trip_for_patient_kd(tmp_path):
+    """The optional [CLS] states (labeling's output.cls_layers): stored fp16, read back per batch as float32."""
+    ids, logits, gold = cls_data(101)
+    states = np.random.default_rng(3).normal(0, 2, size=(101, 2, 8))
+    for r in range(2):
+        with SoftLabelWriter(tmp_path / "s", wid(r), "classification", num_classes=C, part_examples=32,
+                             cls_layers=[2, 4], hidden_size=8, teacher_layers=4) as w:
+            mine = ids[r::2]
+            w.add_classification(mine, logits[mine], gold[mine], states[mine])
+    manifest = finalize(tmp_path / "s", HEADER, 101)
+    assert manifest["cls_layers"] == [2, 4] and manifest["teacher_layers"] == 4 and manifest["dtypes"]["cls"] == ["<f2"]
+    assert manifest["shapes"]["cls"] == ["n", 2 * 8]
+    store = SoftLabelStore(tmp_path / "s")
+    assert store.cls_layers == [2, 4] and store.teacher_layers == 4
+    idx = np.array([100, 0, 57, 3])
+    b = store.batch(idx)
+    assert b["cls"].dtype == np.float32 and b["cls"].shape == (4, 2, 8)
+    assert (b["cls"] == states[idx].astype(np.float16).astype(np.float32)).all()
+    assert "cls" not in SoftLabelStore(write_cls(tmp_path / "plain") and tmp_path / "plain").batch(idx)
+
+    w = SoftLabelWriter(tmp_path / "t", wid(0, 1), "classification", num_classes=C, cls_layers=[1], hidden_size=8,
+                        teacher_layers=2)
+    with pytest.raises(ValueError, match="exactly when"):
+        w.add_classification(ids[:2], logits[:2])
+    with pytest.raises(ValueError, match=r"shape \(2, 2, 8\), expected \(2, 1, 8\)"):
+        w.add_classification(ids[:2], logits[:2], None, states[:2])
+    with pytest.raises(UserError, match="NaN/inf"):
+        w.add_classification(ids[:1], logits[:1], None, np.full((1, 1, 8), 1e6))
+    with pytest.raises(ValueError, match="increasing teacher layers in 1..2"):
+        SoftLabelWriter(tmp_path / "u", wid(0, 1), "classification", num_classes=C, cls_layers=[3], hidden_size=8,
+                        teacher_layers=2)
+
+
 def test_reader_keeps_few_files_open(tmp_path):
     write_cls(tmp_path / "s", part_examples=8)  # 38 parts x 3 files
     fds = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731

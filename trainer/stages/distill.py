@@ -4,8 +4,9 @@ One stage, three papers, chosen by the recipe:
 - Pre-trained Distillation (Turc et al.): `model.name` is an MLM pre-training run, export or checkpoint;
   `data.store` a classification soft-label store (`wellread label`). Loss = alpha T^2 KL + (1 - alpha) CE.
   The same command from a preset (random init) is the KD baseline.
-- Patient KD (Sun et al.): add `loss.beta > 0` and an online `teacher.model` for the [CLS] states of the
-  mapped layers (`loss.pkd_scheme: skip | last`).
+- Patient KD (Sun et al.): add `loss.beta > 0`; the teacher's [CLS] states of the mapped layers
+  (`loss.pkd_scheme: skip | last`) come from an online `teacher.model`, or from a store labeled with
+  `output.cls_layers` (then no teacher runs at all).
 - DistilBERT (Sanh et al.): `data.corpus` token shards and an online MLM `teacher.model` (or an MLM
   top-k `data.store`); loss = a_ce T^2 KL + a_mlm MLM + a_cos cosine; start from `wellread init-student`.
 
@@ -215,14 +216,26 @@ class Distill(Stage):
         self.hf = load_classifier(model.name, num_classes, model.dropout, model.attention,
                                   self.tokenizer.get_vocab_size())
         student_layers: list[int] = []
+        self.cls_index: list[int] | None = None  # PKD from the store: which stored [CLS] layers, in map order
         if loss.beta > 0:
-            if self.teacher is None:
-                raise UserError(f"{where}: loss.beta > 0 (Patient KD) needs teacher.model for the [CLS] states")
-            pairs = pkd_layer_map(self.teacher.config.num_hidden_layers, self.hf.config.num_hidden_layers,
-                                  loss.pkd_scheme)
+            stored = self.store.cls_layers if self.store is not None else []
+            if self.teacher is None and not stored:
+                raise UserError(f"{where}: loss.beta > 0 (Patient KD) needs the teacher's [CLS] states: give "
+                                "teacher.model, or a store labeled with output.cls_layers")
+            depth = self.teacher.config.num_hidden_layers if self.teacher is not None else self.store.teacher_layers
+            pairs = pkd_layer_map(depth, self.hf.config.num_hidden_layers, loss.pkd_scheme)
             student_layers = [s for s, _ in pairs]
             self.teacher_layers = [t for _, t in pairs]
+            if self.teacher is None:
+                missing = [t for t in self.teacher_layers if t not in stored]
+                if missing:
+                    raise UserError(f"{where}: PKD-{loss.pkd_scheme} ({depth} -> {self.hf.config.num_hidden_layers} "
+                                    f"layers) needs the teacher's [CLS] states after layers {self.teacher_layers}; "
+                                    f"{self.store.directory} holds layers {stored}: re-label with "
+                                    f"output.cls_layers={self.teacher_layers}, or give teacher.model")
+                self.cls_index = [stored.index(t) for t in self.teacher_layers]
             self.source["pkd_map"] = pairs
+            self.source["pkd_teacher_states"] = "online" if self.teacher is not None else "store"
         self.eval_enc = None
         if data.eval_task:
             self.task = resolve_task(data.eval_task)
@@ -303,6 +316,8 @@ class Distill(Stage):
         batch = collate(self.encoded, rows, self.pad_id)
         batch.pop("labels", None)
         batch.update(weight=weight, gold=gold)
+        if self.cls_index is not None:
+            batch["teacher_cls"] = torch.from_numpy(labels["cls"][:, self.cls_index])
         if self.teacher is not None:
             with torch.no_grad():
                 dev = _device()

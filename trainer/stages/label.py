@@ -50,6 +50,9 @@ class LabelOutput:
     max_seq_len: int = 128
     batch_size: int = 64
     part_examples: int = 8192
+    # classification: also keep the teacher's [CLS] vector after these layers (1-based; fp16), so Patient KD runs
+    # from the store with no teacher at training time. PKD-Skip 12 -> 6 needs [2, 4, 6, 8, 10], PKD-Last [7, ..., 11]
+    cls_layers: list[int] | None = None
 
 
 @dataclass
@@ -79,19 +82,26 @@ def teacher_fingerprint(model_dir: Path) -> dict[str, str]:
 class Teacher:
     """Batched teacher inference returning what the store keeps."""
 
-    def __init__(self, model_dir: Path, kind: str, topk: int, device: torch.device):
+    def __init__(self, model_dir: Path, kind: str, topk: int, device: torch.device,
+                 cls_layers: list[int] | None = None):
         from transformers import BertForMaskedLM, BertForSequenceClassification
 
         cls = BertForSequenceClassification if kind == "classification" else BertForMaskedLM
         self.model = cls.from_pretrained(model_dir).to(device).eval()
-        self.kind, self.topk, self.device = kind, topk, device
+        self.kind, self.topk, self.device, self.cls_layers = kind, topk, device, cls_layers or []
         self.num_classes = self.model.config.num_labels
         self.vocab_size = self.model.config.vocab_size
+        self.hidden_size, self.depth = self.model.config.hidden_size, self.model.config.num_hidden_layers
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, torch.Tensor]):
+        """classification: logits [B, C], or (logits, [CLS] states [B, L, H]) with cls_layers; mlm: top-k."""
         inputs = {k: v.to(self.device) for k, v in batch.items()}
-        logits = self.model(**inputs).logits.float()
+        out = self.model(**inputs, output_hidden_states=bool(self.cls_layers))
+        logits = out.logits.float()
+        if self.kind == "classification" and self.cls_layers:
+            states = torch.stack([out.hidden_states[t][:, 0] for t in self.cls_layers], dim=1)
+            return logits.cpu().numpy(), states.float().cpu().numpy()
         if self.kind == "classification":
             return logits.cpu().numpy()
         logprobs = torch.log_softmax(logits, dim=-1)
@@ -135,11 +145,19 @@ def label(recipe: LabelRecipe, shard: int, num_shards: int, env: DistEnv, comman
     tok = load_tokenizer(model_dir)
     specials = special_ids(tok)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    teacher = Teacher(model_dir, o.kind, o.topk, device)
+    if o.cls_layers and o.kind != "classification":
+        raise UserError("output.cls_layers: [CLS] states are kept for classification stores only")
+    teacher = Teacher(model_dir, o.kind, o.topk, device, o.cls_layers)
+    if o.cls_layers and not (list(o.cls_layers) == sorted(set(o.cls_layers)) and
+                             o.cls_layers[0] >= 1 and o.cls_layers[-1] <= teacher.depth):
+        raise UserError(f"output.cls_layers: {o.cls_layers} must be increasing layers in 1..{teacher.depth} "
+                        f"(the teacher {model_dir} has {teacher.depth})")
     writer_id = make_writer_id(shard, num_shards, env.rank, env.world_size)
     writer = SoftLabelWriter(out, writer_id, o.kind, num_classes=teacher.num_classes if o.kind == "classification"
                              else None, k=o.topk if o.kind == "mlm" else None,
-                             vocab_size=teacher.vocab_size if o.kind == "mlm" else None, part_examples=o.part_examples)
+                             vocab_size=teacher.vocab_size if o.kind == "mlm" else None, part_examples=o.part_examples,
+                             cls_layers=o.cls_layers, hidden_size=teacher.hidden_size if o.cls_layers else None,
+                             teacher_layers=teacher.depth if o.cls_layers else None)
     mine, total = writer_examples(recipe, shard, num_shards, env)
     todo = mine[writer.examples_done:]
     log0(env, f"labeling {total:,} transfer examples with {model_dir} ({o.kind}); job shard {shard}/{num_shards}, "
@@ -166,14 +184,19 @@ def label(recipe: LabelRecipe, shard: int, num_shards: int, env: DistEnv, comman
             idx = order[b:b + o.batch_size]
             out_b = teacher(_batch([seqs[i] for i in idx], [types[i] for i in idx], specials.pad))
             for j, i in enumerate(idx):
-                if o.kind == "classification":
+                if o.kind == "classification" and o.cls_layers:
+                    results[i] = (out_b[0][j], out_b[1][j])
+                elif o.kind == "classification":
                     results[i] = out_b[j]
                 else:
                     n = len(seqs[i])
                     results[i] = (out_b[0][j, :n], out_b[1][j, :n])
         ids = np.asarray([eid for eid, _, _ in window], dtype=np.int64)
-        if o.kind == "classification":
-            writer.add_classification(ids, np.stack(results), np.asarray([g for _, _, g in window], dtype=np.int64))
+        gold = np.asarray([g for _, _, g in window], dtype=np.int64)
+        if o.kind == "classification" and o.cls_layers:
+            writer.add_classification(ids, np.stack([r[0] for r in results]), gold, np.stack([r[1] for r in results]))
+        elif o.kind == "classification":
+            writer.add_classification(ids, np.stack(results), gold)
         else:
             writer.add_mlm(ids, seqs, [r[0] for r in results], [r[1] for r in results])
         if bar is not None:

@@ -15,7 +15,6 @@ from trainer.data.softlabels.format import (
     MANIFEST,
     ORDER_FILE,
     PART_TMP,
-    ROLES,
     SIDECAR,
     STORE_TMP,
     VERSION,
@@ -23,6 +22,7 @@ from trainer.data.softlabels.format import (
     index_dtype,
     kind_settings,
     open_part,
+    part_roles,
     verify_files,
     write_role,
 )
@@ -76,7 +76,8 @@ def finalize(store_dir: str | Path, header: dict, expected_examples: int | None 
         try:
             if info["name"] != stem or info["kind"] not in KINDS:
                 raise KeyError("name/kind")
-            mine = kind_settings(info["kind"], info.get("num_classes"), info.get("k"), info.get("vocab_size"))
+            mine = kind_settings(info["kind"], info.get("num_classes"), info.get("k"), info.get("vocab_size"),
+                                 info.get("cls_layers"), info.get("hidden_size"), info.get("teacher_layers"))
             verify_files(directory, info, checksum=True, source=f"{stem}.json")
             arrays = open_part(directory, info)
         except (KeyError, TypeError, ValueError) as e:
@@ -129,9 +130,11 @@ def finalize(store_dir: str | Path, header: dict, expected_examples: int | None 
 
     order_meta = write_role(directory / ORDER_FILE, order.astype(index_dtype(max(len(order) - 1, 0))))
     kind = settings["kind"]
-    dtypes = {role: sorted({e["files"][role]["dtype"] for e in entries}) for role in ROLES[kind]}
+    dtypes = {role: sorted({e["files"][role]["dtype"] for e in entries}) for role in part_roles(settings)}
     if kind == "classification":
         shapes = {"ids": ["n"], "gold": ["n"], "logits": ["n", settings["num_classes"]]}
+        if settings.get("cls_layers"):
+            shapes["cls"] = ["n", len(settings["cls_layers"]) * settings["hidden_size"]]
     else:
         shapes = {"ids": ["n"], "offsets": ["n + 1"], "tokens": ["T"], "topk_ids": ["T", settings["k"]],
                   "topk_logprobs": ["T", settings["k"]]}

@@ -25,6 +25,9 @@ magic b"WRSOFT\\x00\\x01" and the store's VERSION. Roles, for a part of n exampl
     classification  ids            idx  [n]       example id: global index into the transfer set
                     gold           lab  [n]       gold label, -1 when unknown
                     logits         <f2  [n, C]    teacher logits
+                    cls            <f2  [n, L*H]  optional (labeling's output.cls_layers): the teacher's [CLS]
+                                                  vector after each of the L listed layers (layer-major rows,
+                                                  as binfile is 2-D), for Patient KD without a teacher
     mlm             ids            idx  [n]
                     offsets        idx  [n + 1]   example e owns positions offsets[e]:offsets[e + 1]
                     tokens         tok  [T]       the token ids the teacher saw
@@ -104,10 +107,16 @@ def index_dtype(max_value: int) -> np.dtype:
     return narrowest_uint(max_value)
 
 
+def part_roles(settings: dict) -> tuple[str, ...]:
+    """The roles (files) of a part with these settings: the kind's, plus `cls` when [CLS] states are kept."""
+    return ROLES[settings["kind"]] + (("cls",) if settings.get("cls_layers") else ())
+
+
 def role_dtypes(settings: dict) -> dict[str, str | None]:
     """The dtype of each role fixed by the store's settings; None where it depends on a file's values."""
     if settings["kind"] == "classification":
-        return {"ids": None, "gold": gold_dtype(settings["num_classes"]).str, "logits": FP16.str}
+        cls = {"cls": FP16.str} if settings.get("cls_layers") else {}
+        return {"ids": None, "gold": gold_dtype(settings["num_classes"]).str, "logits": FP16.str, **cls}
     tok = token_dtype(settings["vocab_size"]).str
     return {"ids": None, "offsets": None, "tokens": tok, "topk_ids": tok, "topk_logprobs": FP16.str}
 
@@ -120,11 +129,24 @@ def check_sidecar_version(info: dict, source: str | Path) -> None:
                         f"{VERSION}; {RELABEL}")
 
 
-def kind_settings(kind: str, num_classes: int | None, k: int | None, vocab_size: int | None) -> dict:
+def kind_settings(kind: str, num_classes: int | None, k: int | None, vocab_size: int | None,
+                  cls_layers: list[int] | None = None, hidden_size: int | None = None,
+                  teacher_layers: int | None = None) -> dict:
+    """The settings every part of a store shares. [CLS] states (classification only) come with the teacher's
+    hidden size and depth, so a reader can map a student's layers onto the stored ones (PKD)."""
     if kind == "classification":
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"classification soft labels need num_classes >= 1, got {num_classes}")
-        return {"kind": kind, "num_classes": num_classes}
+        if not cls_layers:
+            return {"kind": kind, "num_classes": num_classes}
+        if not (isinstance(hidden_size, int) and hidden_size > 0 and isinstance(teacher_layers, int)):
+            raise ValueError(f"[CLS] states need the teacher's hidden size and depth, got {hidden_size}, "
+                             f"{teacher_layers}")
+        layers = [int(x) for x in cls_layers]
+        if layers != sorted(set(layers)) or layers[0] < 1 or layers[-1] > teacher_layers:
+            raise ValueError(f"cls_layers must be increasing teacher layers in 1..{teacher_layers}, got {cls_layers}")
+        return {"kind": kind, "num_classes": num_classes, "cls_layers": layers, "hidden_size": hidden_size,
+                "teacher_layers": teacher_layers}
     if kind == "mlm":
         if not isinstance(k, int) or k < 1 or not isinstance(vocab_size, int) or vocab_size < 2:
             raise ValueError(f"mlm soft labels need k >= 1 and vocab_size >= 2, got k={k}, vocab_size={vocab_size}")
@@ -170,7 +192,7 @@ def verify_files(directory: Path, entry: dict, checksum: bool, source: str) -> N
 def open_part(directory: Path, entry: dict) -> dict[str, np.ndarray]:
     """Memory-map a shard's files and check their shapes and dtypes against each other and the entry."""
     name, kind, n = entry["name"], entry["kind"], int(entry["examples"])
-    roles = ROLES[kind]
+    roles = part_roles(entry)
     if sorted(entry["files"]) != sorted(roles):
         raise UserError(f"{directory}: shard {name} has files {sorted(entry['files'])}, a {kind} shard needs "
                         f"{sorted(roles)}")
@@ -178,6 +200,8 @@ def open_part(directory: Path, entry: dict) -> dict[str, np.ndarray]:
               for role in roles}
     if kind == "classification":
         expected = {"ids": (n,), "gold": (n,), "logits": (n, entry["num_classes"])}
+        if entry.get("cls_layers"):
+            expected["cls"] = (n, len(entry["cls_layers"]) * entry["hidden_size"])
     else:
         t, k = int(entry["positions"]), entry["k"]
         expected = {"ids": (n,), "offsets": (n + 1,), "tokens": (t,), "topk_ids": (t, k), "topk_logprobs": (t, k)}

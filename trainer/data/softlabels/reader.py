@@ -44,6 +44,8 @@ class SoftLabelStore:
         self.num_classes: int | None = self.manifest.get("num_classes")
         self.k: int | None = self.manifest.get("k")
         self.vocab_size: int | None = self.manifest.get("vocab_size")
+        self.cls_layers: list[int] = self.manifest.get("cls_layers") or []  # teacher layers with stored [CLS] states
+        self.teacher_layers: int | None = self.manifest.get("teacher_layers")
         self.header: dict = self.manifest["header"]
         self.shard_names: list[str] = [entry["name"] for entry in self.manifest["shards"]]
         self.max_open_shards = max(1, max_open_shards)
@@ -102,7 +104,8 @@ class SoftLabelStore:
     def batch(self, indices: np.ndarray | list[int], pad_to: int | None = None) -> dict[str, np.ndarray]:
         """Padded arrays for a student step; an empty `indices` gives arrays with a 0-sized batch axis.
 
-        classification: example_ids [B] int64, logits [B, C] float32, gold [B] int64 (-1 unknown).
+        classification: example_ids [B] int64, logits [B, C] float32, gold [B] int64 (-1 unknown), and with
+        `cls_layers` cls [B, L, H] float32 (the teacher's [CLS] vector after each of those layers).
         mlm: example_ids [B], input_ids [B, T] int64 (pad 0), attention_mask [B, T] int64, topk_ids
         [B, T, k] int64 and topk_logprobs [B, T, k] float32 (both 0 at padding: mask them out).
         T is the longest example, or `pad_to`.
@@ -114,11 +117,16 @@ class SoftLabelStore:
         if self.kind == "classification":
             logits = np.empty((bsz, self.num_classes), dtype=np.float32)
             gold = np.empty(bsz, dtype=np.int64)
+            out = {"example_ids": ids, "logits": logits, "gold": gold}
+            if self.cls_layers:
+                out["cls"] = np.empty((bsz, len(self.cls_layers), self.manifest["hidden_size"]), dtype=np.float32)
             for s in np.unique(shard):
                 sel = shard == s
                 arr = self.shard(int(s))
                 ids[sel], logits[sel], gold[sel] = arr["ids"][row[sel]], arr["logits"][row[sel]], arr["gold"][row[sel]]
-            return {"example_ids": ids, "logits": logits, "gold": gold}
+                if self.cls_layers:
+                    out["cls"][sel] = arr["cls"][row[sel]].reshape(-1, *out["cls"].shape[1:])
+            return out
         spans = []
         for j in range(bsz):
             arr, r = self.shard(int(shard[j])), int(row[j])

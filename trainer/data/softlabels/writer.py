@@ -14,7 +14,6 @@ from trainer.data.softlabels.format import (
     FP16_MIN,
     LOGPROB_TOL,
     MANIFEST,
-    ROLES,
     VERSION,
     Kind,
     check_sidecar_version,
@@ -23,6 +22,7 @@ from trainer.data.softlabels.format import (
     index_dtype,
     kind_settings,
     open_part,
+    part_roles,
     part_stem,
     verify_files,
     write_role,
@@ -89,14 +89,17 @@ class SoftLabelWriter:
     """
 
     def __init__(self, store_dir: str | Path, writer_id: str, kind: Kind, *, num_classes: int | None = None,
-                 k: int | None = None, vocab_size: int | None = None, part_examples: int = 8192):
+                 k: int | None = None, vocab_size: int | None = None, part_examples: int = 8192,
+                 cls_layers: list[int] | None = None, hidden_size: int | None = None,
+                 teacher_layers: int | None = None):
         check_writer_id(writer_id)
         if part_examples < 1:
             raise ValueError(f"part_examples must be >= 1, got {part_examples}")
         self.directory = Path(store_dir)
         self.writer_id = writer_id
         self.kind = kind
-        self.settings = {**kind_settings(kind, num_classes, k, vocab_size), "part_examples": part_examples}
+        self.settings = {**kind_settings(kind, num_classes, k, vocab_size, cls_layers, hidden_size, teacher_layers),
+                         "part_examples": part_examples}
         self.part_examples = part_examples
         self.tok_dtype = token_dtype(vocab_size) if kind == "mlm" else None
         self.gold_dtype = gold_dtype(num_classes) if kind == "classification" else None
@@ -120,7 +123,9 @@ class SoftLabelWriter:
         """Examples of this writer in finished parts: what a resumed labeler skips."""
         return sum(int(info["examples"]) for info in self.finished)
 
-    def add_classification(self, example_ids: np.ndarray, logits: np.ndarray, gold: np.ndarray | None = None) -> None:
+    def add_classification(self, example_ids: np.ndarray, logits: np.ndarray, gold: np.ndarray | None = None,
+                           cls: np.ndarray | None = None) -> None:
+        """`cls` [n, L, H]: the teacher's [CLS] vectors after the store's `cls_layers` (required exactly then)."""
         if self.kind != "classification":
             raise ValueError(f"add_classification on a {self.kind} writer")
         ids = self._ids(example_ids)
@@ -140,7 +145,20 @@ class SoftLabelWriter:
             if wide.shape != (n,) or ((wide < -1) | (wide >= c)).any():
                 raise ValueError(f"gold labels must be {n} values in [-1, {c})")
             labels = wide.astype(self.gold_dtype)
-        self._add({"ids": ids, "gold": labels, "logits": values})
+        extra = {}
+        layers = self.settings.get("cls_layers")
+        if (cls is None) != (not layers):
+            raise ValueError("[CLS] states are given exactly when the writer keeps cls_layers")
+        if layers:
+            shape = (n, len(layers), self.settings["hidden_size"])
+            if np.shape(cls) != shape:
+                raise ValueError(f"[CLS] states have shape {np.shape(cls)}, expected {shape}")
+            with np.errstate(over="ignore"):  # beyond fp16's range becomes inf, refused just below
+                extra["cls"] = np.asarray(cls).astype(FP16).reshape(n, -1)  # binfile is 2-D: [n, L*H]
+            if not np.isfinite(extra["cls"]).all():
+                raise UserError(f"teacher [CLS] states are NaN/inf or beyond the fp16 range for example id(s) "
+                                f"{ids[~np.isfinite(extra['cls']).all(axis=1)][:5].tolist()}")
+        self._add({"ids": ids, "gold": labels, "logits": values, **extra})
 
     def add_mlm(self, example_ids: np.ndarray, token_ids: list[np.ndarray], topk_ids: list[np.ndarray],
                 topk_logprobs: list[np.ndarray]) -> None:
@@ -219,7 +237,7 @@ class SoftLabelWriter:
         while self._buffered - start >= self.part_examples or (final and self._buffered > start):
             end = min(start + self.part_examples, self._buffered)
             if self.kind == "classification":
-                arrays = {role: buf[role][start:end] for role in ROLES["classification"]}
+                arrays = {role: buf[role][start:end] for role in part_roles(self.settings)}
                 extra = {}
             else:
                 a, b = int(pos_off[start]), int(pos_off[end])
