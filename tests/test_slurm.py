@@ -97,9 +97,17 @@ def wait_for(predicate, what: str, timeout: float = TIMEOUT, job: str | None = N
 
 
 def release(job: str) -> None:
-    """A requeued job waits ~2 minutes (Slurm's BeginTime after a requeue); let it start now."""
+    """A requeued job waits ~2 minutes (Slurm's BeginTime after a requeue); let it start in a few seconds.
+
+    Not at once: slurmd revokes the previous run's job credential when the requeue kills it, and a launch whose
+    new credential carries the same second is refused ("Killing non-startable batch job: Job credential
+    revoked", seen on a loaded machine). That is why Slurm delays a requeued job; we wait until the nodes have
+    finished the old run (no COMPLETING node) and then start it 3 seconds later, well past the revocation.
+    """
     wait_for(lambda: states(job) == ["PENDING"], f"job {job} pending after its requeue", job=None, timeout=120)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, capture_output=True)
+    wait_for(lambda: not subprocess.run(["sinfo", "-h", "-t", "completing", "-o", "%N"], capture_output=True,
+                                        text=True).stdout.strip(), "the nodes to finish the old run", timeout=120)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+3"], check=True, capture_output=True)
 
 
 def log_of(path: Path) -> str:
