@@ -95,6 +95,7 @@ def test_classification_round_trip_is_bit_exact(tmp_path):
     assert manifest["dtypes"] == {"ids": ["<u4"], "gold": ["|i1"], "logits": ["<f2"]} and manifest["header"] == HEADER
     assert manifest["order"]["dtype"] == "<u4" and manifest["version"] == 2
     assert all(isinstance(store.shard(j)["logits"], np.memmap) for j in range(store.num_shards))
+    assert np.array_equal(store.example_ids(), np.arange(301)), "ids in global order, from the id files alone"
     for i in range(301):  # canonical order is example-id order, although rank 0 wrote evens, rank 1 odds
         ex = store.example(i)
         assert int(ex["example_id"]) == i and int(ex["gold"]) == gold[i] and ex["gold"].dtype == np.int8

@@ -286,7 +286,7 @@ class Distill(Stage):
             # Store index i is the example with the i-th smallest id; its length is that transfer example's.
             lengths = self.encoded.lengths
             if self.store is not None:
-                lengths = lengths[self.store.batch(np.arange(len(self.store)))["example_ids"]]
+                lengths = lengths[self.store.example_ids()]
             return StoreSampler(len(lengths), global_batch, env.rank, env.world_size, seed, lengths, window)
         if self.store is not None:
             return StoreSampler(len(self.store), global_batch, env.rank, env.world_size, seed)

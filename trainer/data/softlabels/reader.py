@@ -91,6 +91,11 @@ class SoftLabelStore:
         shard = np.searchsorted(self._cum, rows, side="right") - 1
         return shard, rows - self._cum[shard]
 
+    def example_ids(self) -> np.ndarray:
+        """The example id of every global index, in order (int64), read from the id files alone."""
+        ids = np.concatenate([np.asarray(self.shard(j)["ids"], dtype=np.int64) for j in range(self.num_shards)])
+        return ids[np.asarray(self._order, dtype=np.int64)]
+
     def example(self, i: int) -> dict[str, np.ndarray]:
         """Views of the stored values of example i, in their on-disk dtypes (bit-exact)."""
         shard, row = self._locate(np.array([i], dtype=np.int64))
