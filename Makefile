@@ -9,7 +9,7 @@ DEMO := runs/demo
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test test-fast lint slurm-up slurm-down clean-demo
+.PHONY: demo test test-fast lint slurm-up slurm-down clean-demo gpu-carry gpu-check gpu-check-dry
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,7 @@ demo: $(STAMP)
 # reason; under CI=true such a skip fails.
 test: $(STAMP) lint
 	-tools/local_slurm.sh start
-	$(PY) -m pytest -ra
+	$(PY) -m pytest -ra --durations=25
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -ra -m "not slow and not slurm"
@@ -44,3 +44,15 @@ slurm-down:
 
 clean-demo:
 	rm -rf $(DEMO)
+
+# The GPU check (tools/gpu/check.py; docs/gpu.md). `make gpu-carry` here builds .gpu-carry/ (wheels the GPU image
+# lacks, IMDb, the tokenizer); `make gpu-check` runs on the GPU machine, which has no PyPI and so no .venv;
+# `make gpu-check-dry` runs the same steps on CPU at toy sizes (tests/test_gpu_check.py does too).
+gpu-carry: $(STAMP)
+	PYTHON=$(PY) tools/gpu/build_carry.sh
+
+gpu-check:
+	tools/gpu/check.sh
+
+gpu-check-dry: $(STAMP)
+	tools/gpu/check.sh --dry-run

@@ -3,7 +3,9 @@
 Tests marked ``realdata`` need the full data folder ($WELLREAD_DATA, default ../shared/data, the same
 variable the task loaders read); tests marked ``slurm`` need the private local cluster of
 tools/local_slurm.sh.  Without them those tests are skipped with a one-line reason, except under CI=true,
-where such a skip is a failure (CI must run everything).
+where such a skip is a failure (CI must run everything).  Tests marked ``cuda`` need a CUDA GPU; without
+one they are skipped with a reason, under CI=true too (CI machines have no GPU: tools/gpu/check.sh runs
+them on a GPU machine).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 IN_CI = os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
-NEEDS = ("realdata", "slurm")  # markers whose skip is a failure under CI=true
+NEEDS = ("realdata", "slurm")  # markers whose skip is a failure under CI=true (not "cuda": CI has no GPU)
+NO_CUDA = "no CUDA GPU (run by tools/gpu/check.sh on a GPU machine)"
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600,
@@ -87,6 +90,11 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.skip(why)
     if item.get_closest_marker("slurm") and (why := missing_slurm()):
         pytest.skip(why)
+    if item.get_closest_marker("cuda"):
+        import torch  # imported only for cuda-marked tests: conftest itself stays torch-free
+
+        if not torch.cuda.is_available():
+            pytest.skip(NO_CUDA)
 
 
 @pytest.hookimpl(hookwrapper=True)

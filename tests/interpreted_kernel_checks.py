@@ -1,10 +1,17 @@
-"""Every Triton kernel against the PyTorch reference, on CPU through Triton's interpreter.
+"""Every Triton kernel against the PyTorch reference: on CPU through Triton's interpreter, or on a GPU.
 
 These tests need ``TRITON_INTERPRET=1`` in the environment *before* triton decorates the kernels,
 so a normal ``pytest`` run does not collect this file (its name is not test_*.py); they are executed by
 ``tests/test_kernels_triton.py`` in a fresh subprocess with the variable set.  Run them directly:
 
     TRITON_INTERPRET=1 .venv/bin/pytest tests/interpreted_kernel_checks.py
+
+With ``WELLREAD_KERNEL_DEVICE=cuda`` (and TRITON_INTERPRET unset) the same tests run the compiled
+kernels on the GPU instead: every tensor is created there (``torch.set_default_device``, generators on
+the GPU too) and the fixture checks the kernels were compiled, not interpreted.  ``tests/test_cuda.py``
+runs it that way in a subprocess (skipped without a GPU):
+
+    WELLREAD_KERNEL_DEVICE=cuda .venv/bin/pytest tests/interpreted_kernel_checks.py
 
 Tolerances (``assert_close``: |a - e| <= atol + rtol * |e|, atol taken relative to max |e|):
 fp32 rtol 1e-5 / atol 1e-6 * max|e| (losses: rtol 1e-5, atol 1e-6); fp16 outputs rtol 2e-3 /
@@ -22,14 +29,27 @@ import torch
 import torch.nn.functional as F
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on")
-if not INTERPRETED:  # one module-level skip instead of one per test
+#: "cpu" (the default: interpreted kernels) or "cuda" (compiled kernels on the GPU).
+DEVICE = os.environ.get("WELLREAD_KERNEL_DEVICE", "cpu").strip().lower() or "cpu"
+if DEVICE not in ("cpu", "cuda"):
+    raise ValueError(f"WELLREAD_KERNEL_DEVICE must be 'cpu' or 'cuda', got {DEVICE!r}")
+ON_CUDA = DEVICE == "cuda"
+# one module-level skip instead of one per test
+if ON_CUDA and INTERPRETED:
+    pytest.skip(
+        "WELLREAD_KERNEL_DEVICE=cuda runs the compiled kernels: unset TRITON_INTERPRET", allow_module_level=True
+    )
+if ON_CUDA and not torch.cuda.is_available():
+    pytest.skip("WELLREAD_KERNEL_DEVICE=cuda but no CUDA GPU is available", allow_module_level=True)
+if not ON_CUDA and not INTERPRETED:
     pytest.skip(
         "needs TRITON_INTERPRET=1 before import; run by tests/test_kernels_triton.py", allow_module_level=True
     )
 
-from kernels import (  # noqa: E402  (only importable in interpreted mode, after the skip)
+from kernels import (  # noqa: E402  (imported after the skip: interpreted or compiled is fixed at import)
     dispatch,
     reference,
+    triton_bias_gelu,
     triton_cross_entropy,
     triton_distillation,
     triton_layer_norm,
@@ -63,12 +83,28 @@ def assert_as_accurate_as_torch(actual: torch.Tensor, oracle: torch.Tensor, torc
     )
 
 
+KERNEL_MODULES = (triton_layer_norm, triton_bias_gelu, triton_cross_entropy, triton_distillation)
+
+
+def _generator(seed: int) -> torch.Generator:
+    """A seeded generator on the tensors' device (factories refuse a generator of another device)."""
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
+
 @pytest.fixture(autouse=True)
 def _triton_on():
-    assert triton_layer_norm.INTERPRETED and triton_distillation.INTERPRETED, "kernels imported uninterpreted"
+    if ON_CUDA:
+        assert not any(m.INTERPRETED for m in KERNEL_MODULES), "kernels imported interpreted on the GPU"
+        torch.set_default_device(DEVICE)  # every tensor of the test on the GPU
+    else:
+        assert all(m.INTERPRETED for m in KERNEL_MODULES), "kernels imported uninterpreted"
     dispatch.configure()
-    yield
-    dispatch.configure()
+    try:
+        yield
+    finally:
+        if ON_CUDA:
+            torch.set_default_device(None)
+        dispatch.configure()
 
 
 def _leaf(t: torch.Tensor) -> torch.Tensor:
@@ -181,7 +217,7 @@ def test_bias_gelu_low_precision(dtype):
 
 
 def _logits(n: int, vocab: int, scale: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
+    gen = _generator(seed)
     return torch.randn(n, vocab, generator=gen) * scale, torch.randn(n, vocab, generator=gen) * scale
 
 
@@ -248,7 +284,7 @@ def test_dense_distillation_low_precision(dtype):
     ids=["k20", "k1-int32-fp16", "k100", "bf16-student"],
 )
 def test_sparse_kl_div(n, k, student_dtype, ids_dtype, lp_dtype):
-    gen = torch.Generator().manual_seed(k)
+    gen = _generator(k)
     s = (torch.randn(n, V, generator=gen) * 3).to(student_dtype)
     ids = torch.stack([torch.randperm(V, generator=gen)[:k] for _ in range(n)]).to(ids_dtype)
     lp = torch.log_softmax(torch.randn(n, k, generator=gen) * 2, -1).to(lp_dtype)
@@ -293,7 +329,7 @@ def _spy(monkeypatch, module, name: str) -> list[int]:
 
 
 def _head(n: int, hidden: int, vocab: int, seed: int, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
+    gen = _generator(seed)
     h = torch.randn(n, hidden, generator=gen).to(dtype)
     w = (torch.randn(vocab, hidden, generator=gen) * 0.2).to(dtype)
     b = (torch.randn(vocab, generator=gen) * 0.1).to(dtype)
@@ -305,7 +341,7 @@ def test_cross_entropy_chunk_kernel_against_reference_chunk(scale):
     """The in-place chunk op alone: loss rows, argmax hits and the gradient it leaves behind."""
     from kernels.triton_configs import select_cross_entropy
 
-    gen = torch.Generator().manual_seed(int(scale * 1e4))
+    gen = _generator(int(scale * 1e4))
     logits = torch.randn(7, V, generator=gen) * scale
     labels = torch.randint(0, V, (7,), generator=gen)
     labels[3] = -100
@@ -336,7 +372,7 @@ def test_linear_cross_entropy_fp32(monkeypatch, reduction):
     calls = _spy(monkeypatch, triton_cross_entropy, "cross_entropy_chunk_")
     dispatch.configure(chunk_rows=16)
     h, w, b = _head(50, 64, V, seed=10)
-    labels = torch.randint(0, V, (50,), generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, V, (50,), generator=_generator(0))
     labels[::3] = -100
     labels[1] = int((h[1] @ w.T + b).argmax())  # at least one correct prediction
     hs, ws, bs, hr, wr, br = map(_leaf, (h, w, b, h, w, b))
@@ -395,7 +431,7 @@ def test_linear_kl_div(monkeypatch, sparse):
     calls = _spy(monkeypatch, triton_distillation, name)
     dispatch.configure(chunk_rows=8)
     h, w, b = _head(21, 48, V, seed=13)
-    gen = torch.Generator().manual_seed(1)
+    gen = _generator(1)
     mask = torch.ones(21, dtype=torch.bool)
     mask[[0, 7]] = False
     if sparse:
@@ -471,7 +507,9 @@ def test_tiny_bert_training_matches_reference_path():
         attention_probs_dropout_prob=0.0,
         max_position_embeddings=64,
     )
-    plain = BertForMaskedLM(config)
+    with torch.device("cpu"):  # the same initial weights on either device (CPU generator)
+        plain = BertForMaskedLM(config)
+    plain = plain.to(DEVICE)
     fused = fuse_bert(copy.deepcopy(plain))
     start = {name: p.detach().clone() for name, p in plain.named_parameters()}
     ids = torch.randint(0, V, (2, 16))

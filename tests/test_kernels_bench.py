@@ -6,6 +6,10 @@ The saving is the [N, V] logits and their gradient, which the fused path compute
 naive side holds several 250 MB [N, V] tensors and the fused side a few 16 MB chunks, so the target is
 met with room (measured on a 2-core AMD EPYC: 38x CE, 10.6x dense KD, 14.8x top-k KD) while the largest
 process stays near 1.2 GB (about 40 s of CPU time in all).
+
+A second, tiny run covers the other code paths: a torch.compile-d baseline (``ce-compiled``, inductor on
+CPU: 10-30 s of compilation, the bulk of that test) and an element-wise op (``gelu-eager`` vs ``gelu-fused``,
+the reference path here) with their summary rows.
 """
 
 from __future__ import annotations
@@ -58,3 +62,29 @@ def test_bench_script_small(tmp_path):
         assert row["memory_ratio_naive_over_fused"] >= 4, row  # fused peak <= 1/4 of naive
         assert row["time_ratio_naive_over_fused"] > 0
     assert all(r["peak_extra_mib"] >= 0 for r in report["results"])
+
+
+@pytest.mark.slow
+def test_bench_script_compiled_and_elementwise(tmp_path):
+    out = tmp_path / "bench.json"
+    variants = ["ce-compiled", "ce-fused", "gelu-eager", "gelu-fused"]
+    cmd = [sys.executable, "tools/bench/kernels.py", "--tokens", "64", "--vocab", "512", "--hidden", "32"]
+    cmd += ["--repeats", "1", "--device", "cpu", "--variants", *variants, "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    results = {r["variant"]: r for r in report["results"]}
+    assert list(results) == variants
+    assert results["ce-compiled"]["backend"] == "inductor"
+    assert results["gelu-eager"]["backend"] == "eager"
+    assert results["gelu-fused"]["backend"] == "reference"
+    assert results["gelu-fused"]["shape"] == [64, 128]  # BERT's intermediate: 4 x hidden
+    rows = {r["loss"]: r for r in report["summary"]}
+    assert set(rows) == {"ce", "gelu"}
+    ce, gelu = rows["ce"], rows["gelu"]
+    # ce: only the compiled baseline ran; gelu: only the eager one (the naive_* keys)
+    assert "naive_variant" not in ce and ce["compiled_variant"] == "ce-compiled"
+    assert ce["compiled_loss_abs_diff"] < 1e-4 and ce["time_ratio_compiled_over_fused"] > 0
+    assert gelu["naive_variant"] == "gelu-eager" and "compiled_variant" not in gelu
+    assert gelu["loss_abs_diff"] < 1e-6 and gelu["time_ratio_naive_over_fused"] > 0
+    assert all(r["peak_extra_mib"] >= 0 and r["time_s_median"] > 0 for r in results.values())

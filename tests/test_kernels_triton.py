@@ -24,6 +24,7 @@ def test_triton_kernels_match_reference_under_interpreter():
     if os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on"):
         pytest.skip("TRITON_INTERPRET is already set: the interpreted suite runs in this process")
     env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("WELLREAD_KERNEL_DEVICE", None)  # the CUDA mode of the same suite is tests/test_cuda.py's
     cmd = [
         sys.executable,
         "-m",

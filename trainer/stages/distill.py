@@ -26,6 +26,7 @@ See trainer/models/distillation.py for the conventions of each term and how to t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +111,14 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def _teacher_precision(dtype: torch.dtype):
+    """The online teacher runs under autocast in the engine's precision on a GPU (a bf16 student beside an
+    fp32 teacher spent most of the step in the teacher); on CPU it stays fp32, as the store's labels are."""
+    if dtype == torch.float32 or not torch.cuda.is_available():
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=dtype)
+
+
 class Distill(Stage):
     name = "distill"
 
@@ -131,7 +140,10 @@ class Distill(Stage):
         self.t = self.recipe.loss.temperature or (2.0 if self.kind == "mlm" else 1.0)
         self.tokenizer = self._student_tokenizer(where)
         if self.recipe.teacher.model:
+            from trainer.engine import load_ds_config, precision
+
             self.teacher = self._load_teacher()
+            self.teacher_dtype = precision(load_ds_config(self.recipe.engine.ds_config)[0])
 
     def build(self, env: DistEnv, where: str) -> torch.nn.Module:
         data = self.recipe.data
@@ -319,7 +331,7 @@ class Distill(Stage):
         if self.cls_index is not None:
             batch["teacher_cls"] = torch.from_numpy(labels["cls"][:, self.cls_index])
         if self.teacher is not None:
-            with torch.no_grad():
+            with torch.no_grad(), _teacher_precision(self.teacher_dtype):
                 dev = _device()
                 out = self.teacher(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
                                    token_type_ids=batch["token_type_ids"].to(dev),
@@ -353,7 +365,7 @@ class Distill(Stage):
             batch["kd_positions"] = batch["mlm_positions"]
         else:
             batch["kd_positions"] = torch.nonzero(mask.reshape(-1), as_tuple=True)[0]
-        with torch.no_grad():
+        with torch.no_grad(), _teacher_precision(self.teacher_dtype):
             dev = _device()
             out = self.teacher(input_ids=batch["input_ids"].to(dev), attention_mask=mask.to(dev),
                                output_hidden_states=self.recipe.loss.a_cos > 0)
