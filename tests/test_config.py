@@ -84,7 +84,7 @@ def test_cli_reports_one_line_and_exit_code_2(tmp_path):
 
 @pytest.mark.parametrize("override", ["data.mask_prob=0", "data.eval_mask_prob=1.5"])
 def test_pretrain_mask_rates_are_validated(tmp_path, override):
-    from trainer.stages.pretrain import PretrainRecipe
+    from trainer.recipes.pretrain import PretrainRecipe
 
     p = write(tmp_path, "data:\n  train: corpus\n")
     with pytest.raises(UserError, match=f"{override.split('=')[0]} must be in \\(0, 1\\)"):

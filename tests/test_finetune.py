@@ -112,9 +112,9 @@ def test_finetune_starts_from_a_pretraining_checkpoint(tmp_path):
     from conftest import DEMO_BOOKS
     from safetensors.torch import load_file
 
-    from trainer.checkpoint import to_hf_dir
     from trainer.data.preprocess import PackOptions, preprocess
     from trainer.data.text_sources import SourceSpec
+    from trainer.models.checkpoints import to_hf_dir
 
     corpus = tmp_path / "corpus"
     preprocess(SourceSpec(files=DEMO_BOOKS[:2], strip_gutenberg=True), corpus, None, PackOptions(seq_len=64),

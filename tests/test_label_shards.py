@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from trainer.errors import UserError
-from trainer.slurm.array import slurm_array_position
+from trainer.jobarray import slurm_array_position
 from trainer.stages.label import job_shard
 
 

@@ -7,7 +7,7 @@ import pytest
 from trainer.engine import batch_plan, build_ds_config, load_ds_config, lr_lambda, precision, zero_stage
 from trainer.errors import UserError
 from trainer.launcher import DistEnv, detect
-from trainer.recipe import TrainSection
+from trainer.recipes.base import TrainSection
 
 
 def test_detect_torchrun_and_slurm_and_single():

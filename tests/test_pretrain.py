@@ -206,7 +206,8 @@ def test_resume_reads_no_data_before_the_cursor(tmp_path, recipe, monkeypatch):
     from trainer.config import load_config
     from trainer.launcher import init_distributed, shutdown
     from trainer.loop import Trainer
-    from trainer.stages.pretrain import Pretrain, PretrainRecipe
+    from trainer.recipes.pretrain import PretrainRecipe
+    from trainer.stages.pretrain import Pretrain
 
     def pretrain(recipe, env):
         return Trainer(Pretrain(recipe), env).fit()

@@ -8,7 +8,6 @@ key, a wrong type, a DeepSpeed config that does not exist, an unknown model pres
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import re
 from pathlib import Path
 
@@ -32,17 +31,13 @@ def stage_of(path: Path) -> str:
     raise AssertionError(f"{path}: no `wellread STAGE recipes/{path.name}` line and no stage word in its name")
 
 
-# Stages whose recipe dataclass lives outside their command module.
-ELSEWHERE = {"pipeline": "trainer.pipeline.study"}
-
-
 def recipe_class(stage: str) -> type:
-    """The stage's recipe dataclass (the one whose name ends in Recipe) in its module."""
-    module = importlib.import_module(ELSEWHERE.get(stage, f"trainer.stages.{stage.replace('-', '_')}"))
-    found = [obj for name, obj in vars(module).items() if name.endswith("Recipe") and dataclasses.is_dataclass(obj)
-             and obj.__module__ == module.__name__]
-    assert len(found) == 1, f"{module.__name__}: expected one *Recipe dataclass, found {found}"
-    return found[0]
+    """The stage's recipe dataclass, from the one table of commands."""
+    from trainer import registry
+
+    cls = registry.recipe_class(stage)
+    assert dataclasses.is_dataclass(cls) and cls.__name__.endswith("Recipe"), cls
+    return cls
 
 
 def test_there_are_recipes():

@@ -16,7 +16,7 @@ from conftest import ROOT, run_cli
 
 from trainer.engine import AUTO_SIZES, batch_plan, build_ds_config, load_ds_config, resolve_auto
 from trainer.errors import UserError
-from trainer.recipe import TrainSection
+from trainer.recipes.base import TrainSection
 
 
 # ---------------------------------------------------------------------------------------------- "auto" sizes

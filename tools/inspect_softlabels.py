@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.cli import run_main
 from trainer.data.softlabels import SoftLabelStore
 from trainer.errors import UserError
+from trainer.registry import run_main
 
 CHUNK = 1 << 16  # rows per read: bounded memory however large the store
 LOGPROB_TOL = 1e-2  # fp16 rounding of log p near 0 may land slightly above 0

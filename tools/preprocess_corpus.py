@@ -22,10 +22,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from trainer.cli import run_main
 from trainer.data.preprocess import PackOptions, preprocess
 from trainer.data.text_sources import SourceSpec
 from trainer.errors import UserError
+from trainer.registry import run_main
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

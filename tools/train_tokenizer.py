@@ -16,11 +16,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from trainer.cli import run_main
 from trainer.data.text_sources import SourceSpec, SourceStats, iter_pieces
 from trainer.data.tokenization import SPECIALS
 from trainer.errors import UserError
 from trainer.fileio import atomic_rename_dir, fsync_dir, tmp_name
+from trainer.registry import run_main
 
 
 def publish_dir(out: Path, write) -> None:

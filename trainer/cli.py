@@ -1,4 +1,4 @@
-"""`wellread` console script: one table of commands; each command's module declares its own arguments.
+"""`wellread` console script: the commands of trainer/registry.py; each command's module declares its own arguments.
 
 Only the module of the command being run is imported (torch, transformers and DeepSpeed load lazily),
 so `wellread --help` and `wellread models` stay fast.
@@ -10,43 +10,12 @@ import argparse
 import importlib
 import os
 import sys
-from collections.abc import Callable
 
-from trainer.errors import UserError
+from trainer import registry
+from trainer.registry import add_recipe_arguments, run_main  # noqa: F401  (tools and older imports)
 
-# command -> (module exposing add_arguments(parser) and main(args) -> int, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "models": ("trainer.models.zoo", "print the model grid with parameter counts"),
-    "pretrain": ("trainer.stages.pretrain", "MLM pre-training (DeepSpeed)"),
-    "finetune": ("trainer.stages.finetune", "fine-tune on a labeled task"),
-    "label": ("trainer.stages.label", "pre-compute teacher soft labels into a sharded store"),
-    "evaluate": ("trainer.stages.evaluate", "evaluate a classifier on a labeled task (metrics JSON)"),
-    "distill": ("trainer.stages.distill", "distil a student from soft labels or an online teacher"),
-    "evaluate-mlm": ("trainer.stages.evaluate_mlm", "masked-token loss and accuracy of a model on held-out text"),
-    "plan-memory": ("trainer.stages.plan_memory", "per-rank memory of a model at each ZeRO stage, before a job"),
-    "init-student": ("trainer.stages.init_student", "a shallower student copied from chosen teacher layers"),
-    "pipeline": ("trainer.stages.pipeline", "run a whole study (every stage, cached) and write its results"),
-    "report": ("trainer.stages.report", "rebuild a study's results.md/json and plot from its finished runs"),
-    "check": ("trainer.stages.check", "dry run before sbatch: recipe, models, data paths, ds_config fit on the GPUs"),
-}
-
-
-def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
-    """The arguments of every recipe-driven stage: a YAML file and dotted overrides."""
-    p.add_argument("recipe", help="YAML recipe file")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
-
-
-def run_main(fn: Callable[..., int], *args) -> int:
-    """Run a command; user mistakes print one line and exit 2 instead of a traceback."""
-    try:
-        return fn(*args) or 0
-    except UserError as e:
-        print(f"wellread: error: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("wellread: interrupted", file=sys.stderr)
-        return 130
+# command -> (module exposing add_arguments(parser) and main(args) -> int, one-line help): trainer/registry.py
+COMMANDS: dict[str, tuple[str, str]] = {c.name: (c.module, c.help) for c in registry.COMMANDS}
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

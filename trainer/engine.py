@@ -13,7 +13,6 @@ import ctypes.util
 import gc
 import json
 import math
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,16 +20,13 @@ from typing import Any
 
 import torch
 
+from trainer.assets import ds_config_dir
 from trainer.errors import UserError
-from trainer.recipe import EngineSection, TrainSection
+from trainer.recipes.base import EngineSection, TrainSection
 
 RECIPE_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                 "gradient_clipping")
 FORBIDDEN = ("optimizer", "scheduler")
-
-
-def ds_config_dir() -> Path:
-    return Path(os.environ.get("WELLREAD_DS_CONFIGS", Path(__file__).resolve().parents[1] / "ds_configs"))
 
 
 def load_ds_config(name_or_path: str) -> tuple[dict[str, Any], Path]:

@@ -47,7 +47,7 @@ def worker(args: argparse.Namespace) -> None:
     from trainer.memory import Materialized, peak_rss_bytes, reset_peak_rss, rss_bytes, tensor_storage_bytes
     from trainer.models.mlm import SparseMLM, build_mlm
     from trainer.models.zoo import bert_config
-    from trainer.recipe import TrainSection
+    from trainer.recipes.base import TrainSection
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     env = init_distributed()

@@ -35,7 +35,7 @@ from trainer.data.preprocess import PackOptions, preprocess, run_fingerprint
 from trainer.data.text_sources import SourceSpec
 from trainer.errors import UserError
 from trainer.fileio import atomic_write_bytes, atomic_write_json, fsync_dir, read_json, remove_stale_tmp, tmp_name
-from trainer.slurm.array import slurm_array_position
+from trainer.jobarray import slurm_array_position
 
 PARTS = "parts"
 MERGE_CLAIM = ".merge.claim"

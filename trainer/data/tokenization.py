@@ -32,7 +32,7 @@ class SpecialIds:
 
 
 def default_tokenizer_path() -> Path:
-    from trainer.models.zoo import minilm_dir
+    from trainer.assets import minilm_dir
 
     return minilm_dir() / "tokenizer.json"
 

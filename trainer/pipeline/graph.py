@@ -26,12 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainer import registry
 from trainer.config import from_dict, to_dict
 from trainer.errors import UserError
 from trainer.pipeline.study import DISTILLED, PRETRAINED, StudentSpec, StudyRecipe, merge
 
 REPO = Path(__file__).resolve().parents[2]
-RECIPE_STAGES = ("pretrain", "finetune", "label", "distill")
+RECIPE_STAGES = registry.RECIPE_STAGES
 LOCAL_STAGES = ("preprocess", "init-student")  # single-process commands: never under a distributed launcher
 RECIPE_FILE = "pipeline-recipe.yaml"
 
@@ -146,14 +147,7 @@ class _Builder:
 
     def resolved(self, kind: str, overrides: dict[str, Any], section: str) -> dict[str, Any]:
         """The stage's full recipe (defaults filled in), checked by the stage's own dataclass."""
-        from trainer.stages.distill import DistillRecipe
-        from trainer.stages.finetune import FinetuneRecipe
-        from trainer.stages.label import LabelRecipe
-        from trainer.stages.pretrain import PretrainRecipe
-
-        cls = {"pretrain": PretrainRecipe, "finetune": FinetuneRecipe, "label": LabelRecipe,
-               "distill": DistillRecipe}[kind]
-        return to_dict(from_dict(cls, overrides, f"{self.where} ({section})"))
+        return to_dict(from_dict(registry.recipe_class(kind), overrides, f"{self.where} ({section})"))
 
     def task_inputs(self, splits: Sequence[str]) -> list[Path]:
         return task_files(self.s.task, splits, self.s.data_root, self.where)

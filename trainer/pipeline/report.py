@@ -20,53 +20,15 @@ from typing import Any
 from trainer.errors import UserError
 from trainer.fileio import atomic_write_bytes, atomic_write_json, read_json
 from trainer.pipeline import cache
+from trainer.pipeline.select import choose_lr, read_metric
 from trainer.pipeline.study import GOLD
 
 METHOD_LABELS = {"basic": "Basic", "pf": "PF", "kd": "KD", "pd": "PD", "pd_ft": "PD+FT", "pkd": "PKD"}
 
 
-def read_metric(path: Path, keys: list[str], metric: str) -> float:
-    """The metric in a metrics JSON (`keys` lead to the mapping holding it)."""
-    node: Any = read_json(path, "metrics file")
-    for k in keys:
-        node = node.get(k) if isinstance(node, dict) else None
-    if not isinstance(node, dict) or not isinstance(node.get(metric), int | float):
-        raise UserError(f"{path}: no metric '{metric}' under {'.'.join(keys) or 'the top level'}")
-    return float(node[metric])
-
-
-def choose_lr(by_lr: dict[float, dict[int, float]]) -> float:
-    """The learning rate with the best mean over seeds, among those with the most seeds (ties: the first)."""
-    most = max(len(v) for v in by_lr.values())
-    complete = [lr for lr, v in by_lr.items() if len(v) == most]
-    return max(complete, key=lambda lr: statistics.fmean(by_lr[lr].values()))
-
-
 def spread(values: list[float]) -> tuple[float, float | None]:
     """(mean, sample standard deviation or None for a single value)."""
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
-def run_select(node) -> None:
-    """The `select` node: per seed, a link to the pd model at the learning rate with the best mean."""
-    recipe, out = node.recipe, node.out_dir
-    by_lr: dict[float, dict[int, float]] = {}
-    models: dict[tuple[float, int], str] = {}
-    for c in recipe["candidates"]:
-        by_lr.setdefault(c["lr"], {})[c["seed"]] = read_metric(Path(c["metrics"]), c["metrics_path"], recipe["metric"])
-        models[(c["lr"], c["seed"])] = c["model"]
-    lr = choose_lr(by_lr)
-    for seed in by_lr[lr]:
-        link = out / f"s{seed}"
-        tmp = out / f".s{seed}.link.tmp"
-        if tmp.is_symlink():
-            tmp.unlink()
-        os.symlink(os.path.relpath(models[(lr, seed)], out), tmp)
-        os.replace(tmp, link)
-    atomic_write_json(out / "select.json", {"metric": recipe["metric"], "lr": lr,
-                                            "mean": statistics.fmean(by_lr[lr].values()),
-                                            "by_lr": {f"{k:g}": v for k, v in by_lr.items()},
-                                            "models": {str(s): models[(lr, s)] for s in by_lr[lr]}})
 
 
 # ---------------------------------------------------------------------------------------------- collect
@@ -244,9 +206,16 @@ def _all_lrs(results: dict[str, Any]) -> list[str]:
 
 
 def _fmt_seconds(s: float) -> str:
-    from trainer.pipeline.runner import fmt_time
-
     return fmt_time(s)
+
+
+def fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
 def plot(results: dict[str, Any], path: Path) -> None:

@@ -23,6 +23,8 @@ from trainer.errors import UserError
 from trainer.fileio import atomic_write_bytes, atomic_write_json
 from trainer.pipeline import cache
 from trainer.pipeline.graph import Graph, Node, stage_command
+from trainer.pipeline.report import fmt_time, write_report
+from trainer.pipeline.select import run_select
 
 LOG = "pipeline.log"
 PLAN = "study.json"
@@ -40,15 +42,6 @@ class Stopped(UserError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_code = 128 + signum
-
-
-def fmt_time(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -192,8 +185,6 @@ def write_plan_record(graph: Graph, recipe_path: str) -> None:
 
 def run_graph(graph: Graph, recipe_path: str, dry_run: bool = False, stream: TextIO = sys.stdout) -> int:
     """Run (or, with dry_run, only plan) every node of `graph`; -> exit code."""
-    from trainer.pipeline.report import run_select
-
     rows = plan(graph)
     print(f"study {recipe_path} -> {graph.out_dir} ({len(rows)} stages)", file=stream, flush=True)
     if dry_run:
@@ -235,8 +226,6 @@ def run_graph(graph: Graph, recipe_path: str, dry_run: bool = False, stream: Tex
             signal.signal(s, h)
     print(f"all {n} stages finished: {ran} run, {cached} cached, in {fmt_time(time.time() - clock.t0)}",
           file=stream, flush=True)
-    from trainer.pipeline.report import write_report
-
     paths = write_report(graph.out_dir)
     print(paths.table, file=stream)
     print(f"results: {paths.md}  {paths.json}\nplot: {paths.png}\nTensorBoard: tensorboard --logdir {graph.out_dir}",

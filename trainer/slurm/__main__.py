@@ -12,8 +12,8 @@ import os
 import re
 import sys
 
-from trainer.cli import run_main
 from trainer.errors import UserError
+from trainer.registry import run_main
 
 
 def grid_task(argv: list[str]) -> int:
@@ -22,8 +22,8 @@ def grid_task(argv: list[str]) -> int:
     from pathlib import Path
 
     from trainer.config import load_config
-    from trainer.stages.check import grid_models
-    from trainer.stages.pretrain import PretrainRecipe
+    from trainer.preflight import grid_models
+    from trainer.recipes.pretrain import PretrainRecipe
 
     if not argv:
         raise UserError("grid-task: give the pre-training recipe")

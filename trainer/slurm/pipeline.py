@@ -43,12 +43,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainer import registry
 from trainer.errors import UserError
 from trainer.fileio import atomic_write_bytes, atomic_write_json
 
 # graph node kind -> the sbatch script whose #SBATCH defaults its job takes
-SCRIPTS = {"preprocess": "preprocess.sbatch", "pretrain": "pretrain_grid.sbatch", "finetune": "finetune.sbatch",
-           "label": "label.sbatch", "distill": "distill.sbatch", "evaluate": "evaluate.sbatch"}
+SCRIPTS = registry.SCRIPTS
 ORDER = ("preprocess", "merge", "pretrain", "init-student", "finetune", "label", "finalize", "distill", "select",
          "evaluate", "report")
 LOCAL_KINDS = ("merge", "finalize", "select", "report", "init-student")  # one process in the batch step
@@ -200,8 +200,8 @@ def group_options(group: Group, opts: Options) -> list[str]:
 def check_group(graph, group: Group, opts: Options, produced: list[Path], slurm_dir: Path) -> list[str]:
     """`wellread check` of every node of a group, on the resources its job will have."""
     from trainer.config import from_dict
+    from trainer.preflight import Checked, check_evaluate, check_recipe, check_stage
     from trainer.slurm.sbatch import directives, parse_options, resources
-    from trainer.stages.check import Checked, check_evaluate, check_recipe, check_stage
 
     script_opts, _ = parse_options(directives(slurm_dir / group.script))
     cli_opts, _ = parse_options(group_options(group, opts))
@@ -211,8 +211,8 @@ def check_group(graph, group: Group, opts: Options, produced: list[Path], slurm_
     for node_id in group.nodes:
         node = graph.nodes[node_id]
         where = f"{node.id} ({node.kind})"
-        if node.recipe is not None and node.kind in ("pretrain", "finetune", "label", "distill"):
-            cls = _recipe_class(node.kind)
+        if node.recipe is not None and node.kind in registry.RECIPE_STAGES:
+            cls = registry.recipe_class(node.kind)
             check_recipe(node.kind, from_dict(cls, node.recipe, where), where, res, out, produced)
         elif node.kind == "evaluate":
             a = _evaluate_args(node.args)
@@ -222,20 +222,8 @@ def check_group(graph, group: Group, opts: Options, produced: list[Path], slurm_
     return out.lines
 
 
-def _recipe_class(kind: str):
-    from trainer.stages.distill import DistillRecipe
-    from trainer.stages.finetune import FinetuneRecipe
-    from trainer.stages.label import LabelRecipe
-    from trainer.stages.pretrain import PretrainRecipe
-
-    classes = {"pretrain": PretrainRecipe, "finetune": FinetuneRecipe, "label": LabelRecipe, "distill": DistillRecipe}
-    return classes[kind]
-
-
 def _evaluate_args(args: list[str]) -> argparse.Namespace:
-    from trainer.cli import build_parser
-
-    return build_parser("evaluate").parse_args(["evaluate", *args])
+    return registry.parse_args("evaluate", args)
 
 
 def submit(opts: Options, stream=sys.stdout) -> list[Group]:
@@ -402,7 +390,7 @@ def run_node_main(argv: list[str]) -> int:
                 atomic_write_bytes(node.recipe_path, dump_yaml_dict(node.recipe).encode())
     t0 = time.time()
     if node.kind == "select":
-        from trainer.pipeline.report import run_select
+        from trainer.pipeline.select import run_select
 
         run_select(node)
         cmd = None

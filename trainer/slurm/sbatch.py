@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.errors import UserError
-from trainer.stages.check import Resources, array_ids, check_stage
+from trainer.preflight import Resources, array_ids, check_stage
 
 SLURM_DIR = Path(__file__).resolve().parents[2] / "slurm"
 # script stem -> the stage it runs (wellread.sbatch: the first argument names it)

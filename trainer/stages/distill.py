@@ -28,14 +28,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
-from trainer.cli import add_recipe_arguments
 from trainer.config import from_dict
 from trainer.data.encoding import Encoded, collate, encode, load_task_data
 from trainer.data.sampling import BatchOrder, StoreSampler
@@ -47,64 +45,8 @@ from trainer.errors import UserError
 from trainer.fileio import atomic_write_json, sha256_file
 from trainer.launcher import DistEnv
 from trainer.loop import Stage, Trainer, run_stage
-from trainer.recipe import RunSection, StageRecipe, TrainSection
-
-
-@dataclass
-class DistillData:
-    store: str | None = None  # soft-label store from `wellread label` (the offline teacher)
-    transfer: TransferSection | None = None  # online classification teacher: the transfer set (default: the store's)
-    corpus: str | None = None  # MLM mode with an online teacher: token shards (tools/preprocess_corpus.py)
-    max_seq_len: int | None = None  # default: the labeling recipe's, else 128
-    mask_prob: float = 0.15  # MLM mode: dynamic masking of data.corpus
-    eval_task: str | None = None  # classification: a labeled task (e.g. sst2) for dev metrics
-    eval_split: str = "dev"
-    eval_corpus: str | None = None  # MLM mode: held-out shards for masked-token accuracy
-    eval_max_sequences: int | None = 2000
-    data_root: str | None = None
-    eval_batch_size: int = 128
-    verify: Literal["full", "size"] = "full"
-    bucket_window: int = 50  # classification: length-bucketed batches within windows of this many (0: plain shuffle)
-
-
-@dataclass
-class TeacherSection:
-    model: str | None = None  # online teacher (HF dir / run): needed without a store, and for PKD / cosine terms
-
-
-@dataclass
-class LossSection:
-    temperature: float | None = None  # default: 1 (Turc et al.), 2 in MLM mode (DistilBERT)
-    alpha: float = 1.0  # classification: weight of the KD term; (1 - alpha) goes to CE on gold labels
-    beta: float = 0.0  # Patient KD weight
-    pkd_scheme: Literal["skip", "last"] = "skip"
-    a_ce: float = 5.0  # MLM mode (DistilBERT's reference defaults 5 / 2 / 1)
-    a_mlm: float = 2.0
-    a_cos: float = 1.0
-    kd_positions: Literal["masked", "all"] = "masked"  # MLM mode: where the vocabulary KL is taken
-    projection: bool = False  # learned student -> teacher projection when widths differ (cosine term)
-
-    def validate(self) -> None:
-        if not 0 <= self.alpha <= 1:
-            raise ValueError(f"loss.alpha must be in [0, 1], got {self.alpha}")
-        if self.temperature is not None and self.temperature <= 0:
-            raise ValueError(f"loss.temperature must be positive, got {self.temperature}")
-
-
-@dataclass
-class DistillRecipe(StageRecipe):
-    """`model.name` is the student's start: a preset (random init: the KD baseline) or a pre-training run (PD)."""
-
-    data: DistillData = field(default_factory=DistillData)
-    teacher: TeacherSection = field(default_factory=TeacherSection)
-    loss: LossSection = field(default_factory=LossSection)
-    train: TrainSection = field(default_factory=lambda: TrainSection(steps=0, epochs=1.0, lr=1e-4,
-                                                                      micro_batch=32, global_batch=32))
-    run: RunSection = field(default_factory=lambda: RunSection(out_dir="runs/distill"))
-
-    def validate(self) -> None:
-        if not (self.data.store or self.teacher.model):
-            raise ValueError("give data.store (soft labels from `wellread label`) or teacher.model (online teacher)")
+from trainer.recipes.distill import DistillRecipe
+from trainer.registry import add_recipe_arguments
 
 
 def _device() -> torch.device:
@@ -405,7 +347,7 @@ class Distill(Stage):
             return compute_metrics(self.task, logits.argmax(-1), self.eval_enc.labels)
         if self.eval_corpus is None:
             return None
-        from trainer.stages.evaluate_mlm import evaluate_mlm
+        from trainer.models.mlm import evaluate_mlm
 
         spec = dataclasses.replace(self.spec, mask_prob=0.15)
         return evaluate_mlm(trainer.engine, self.eval_corpus, spec, trainer.env, self.recipe.train.micro_batch,

@@ -1,54 +1,24 @@
 """Masked-token loss and accuracy on held-out text, with fixed masks so numbers compare across runs.
 
-Used as the eval step of `wellread pretrain` and as `wellread evaluate-mlm --model DIR --data ...`.
-Every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively); surplus
-slots are filled with a batch whose results are ignored.
+`wellread evaluate-mlm --model DIR --data ...`; the evaluation itself (also the eval step of `wellread pretrain`
+and of DistilBERT distillation) is `trainer.models.mlm.evaluate_mlm`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from trainer.data.indexed import MANIFEST, TokenShards
-from trainer.data.masking import MaskSpec, mlm_batch
+from trainer.data.masking import MaskSpec
 from trainer.errors import UserError
-from trainer.launcher import DistEnv, all_reduce_sum
-
-
-@torch.no_grad()
-def evaluate_mlm(model, corpus: TokenShards, spec: MaskSpec, env: DistEnv, batch_size: int,
-                 max_sequences: int | None, seed: int) -> dict[str, float]:
-    n = len(corpus) if max_sequences is None else min(len(corpus), max_sequences)
-    special = spec.special_table()
-    batches = [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-    rounds = math.ceil(len(batches) / env.world_size)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    loss, correct, count = 0.0, 0.0, 0.0
-    for r in range(rounds):
-        j = r * env.world_size + env.rank
-        idx = batches[j] if j < len(batches) else batches[0]
-        batch = mlm_batch([corpus[int(i)] for i in idx], [(seed, 0, int(i)) for i in idx], spec, special)
-        loss_sum, stats = model(**{k: v.to(device) for k, v in batch.items()})
-        if j < len(batches):
-            loss += float(loss_sum)
-            correct += float(stats["correct"])
-            count += batch["mlm_labels"].numel()
-    if was_training:
-        model.train()
-    loss, correct, count = all_reduce_sum([loss, correct, count])
-    mean = loss / max(count, 1)
-    return {"loss": mean, "mlm_acc": correct / max(count, 1), "perplexity": math.exp(min(mean, 50)),
-            "masked_tokens": count, "sequences": float(n)}
+from trainer.launcher import DistEnv
+from trainer.models.mlm import evaluate_mlm
 
 
 def _model_dir(path: Path) -> Path:

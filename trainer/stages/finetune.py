@@ -9,13 +9,11 @@ keeps the best model (by the task's primary metric) exported in `OUT/best`; the 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from trainer.cli import add_recipe_arguments
 from trainer.data.encoding import collate, load_task_data
 from trainer.data.sampling import BucketedOrder
 from trainer.data.task_metrics import compute_metrics, primary_metric
@@ -24,28 +22,8 @@ from trainer.data.tokenization import hf_tokenizer, load_tokenizer, special_ids
 from trainer.launcher import DistEnv
 from trainer.loop import Stage, Trainer, run_stage
 from trainer.models.classify import Classifier, load_classifier, predict
-from trainer.recipe import ModelSection, RunSection, StageRecipe, TrainSection
-
-
-@dataclass
-class FinetuneData:
-    task: str = "sst2"  # sst2, rte, mrpc, cola, imdb, amazon_books, or a task YAML file (generic spec)
-    data_root: str | None = None  # default: $WELLREAD_DATA or ../shared/data
-    train_split: str = "train"
-    eval_split: str = "dev"
-    max_seq_len: int = 128
-    max_train_examples: int | None = None  # a prefix of the train split (quick runs)
-    bucket_window: int = 50  # length bucketing: sort within windows of this many global batches
-    eval_batch_size: int = 128
-
-
-@dataclass
-class FinetuneRecipe(StageRecipe):
-    data: FinetuneData = field(default_factory=FinetuneData)
-    model: ModelSection = field(default_factory=lambda: ModelSection(name="minilm"))
-    train: TrainSection = field(default_factory=lambda: TrainSection(steps=0, epochs=3.0, lr=5e-5,
-                                                                      micro_batch=32, global_batch=32))
-    run: RunSection = field(default_factory=lambda: RunSection(out_dir="runs/finetune"))
+from trainer.recipes.finetune import FinetuneRecipe
+from trainer.registry import add_recipe_arguments
 
 
 def tokenizer_for(model_name: str):

@@ -19,55 +19,24 @@ import os
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 
-from trainer.cli import add_recipe_arguments
 from trainer.config import dump_yaml, load_config, to_dict
 from trainer.data.softlabels import MANIFEST, SoftLabelWriter, finalize, finished_parts, make_writer_id
 from trainer.data.tokenization import load_tokenizer, special_ids, tokenizer_hash
-from trainer.data.transfer import TransferSection, transfer_examples, transfer_fingerprint
+from trainer.data.transfer import transfer_examples, transfer_fingerprint
 from trainer.errors import UserError
 from trainer.fileio import sha256_file
+from trainer.jobarray import slurm_array_position
 from trainer.launcher import DistEnv, barrier, init_distributed, shutdown
 from trainer.loop import log0
-from trainer.recipe import DebugSection
-from trainer.slurm.array import slurm_array_position
+from trainer.recipes.label import LabelRecipe
+from trainer.registry import add_recipe_arguments
 
 FINALIZE_CLAIM = ".finalize.claim"  # created by the one writer that auto-finalizes
-
-
-@dataclass
-class LabelOutput:
-    out_dir: str = "runs/softlabels"
-    kind: Literal["classification", "mlm"] = "classification"
-    topk: int = 32  # mlm: teacher entries kept per position
-    mask_prob: float = 0.0  # mlm: static masking applied before the teacher (and stored with the ids)
-    max_seq_len: int = 128
-    batch_size: int = 64
-    part_examples: int = 8192
-    # classification: also keep the teacher's [CLS] vector after these layers (1-based; fp16), so Patient KD runs
-    # from the store with no teacher at training time. PKD-Skip 12 -> 6 needs [2, 4, 6, 8, 10], PKD-Last [7, ..., 11]
-    cls_layers: list[int] | None = None
-
-
-@dataclass
-class LabelRecipe:
-    teacher: str = ""  # exported model directory (a fine-tuned classifier, or an MLM model for kind mlm)
-    transfer: TransferSection = field(default_factory=TransferSection)
-    output: LabelOutput = field(default_factory=LabelOutput)
-    seed: int = 1234
-    debug: DebugSection = field(default_factory=DebugSection)  # step_sleep: seconds per batch window (kill drills)
-
-    def validate(self) -> None:
-        if not self.teacher:
-            raise ValueError("missing required key 'teacher' (an exported model directory)")
-        if not (self.transfer.files or self.transfer.hf_dataset or self.transfer.task):
-            raise ValueError("the transfer set is empty: give transfer.files, transfer.hf_dataset or transfer.task")
 
 
 def teacher_fingerprint(model_dir: Path) -> dict[str, str]:

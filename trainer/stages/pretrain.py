@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
 
-from trainer.cli import add_recipe_arguments
 from trainer.data.indexed import TokenShards
 from trainer.data.masking import MaskSpec, mlm_batch
 from trainer.data.sampling import BatchOrder
@@ -24,34 +21,10 @@ from trainer.engine import precision
 from trainer.errors import UserError
 from trainer.launcher import DistEnv
 from trainer.loop import Stage, Trainer, run_stage
-from trainer.models.mlm import SparseMLM, build_mlm
-from trainer.recipe import StageRecipe
+from trainer.models.mlm import SparseMLM, build_mlm, evaluate_mlm
+from trainer.recipes.pretrain import PretrainRecipe
+from trainer.registry import add_recipe_arguments
 from trainer.runlog import peak_flops, transformer_flops
-from trainer.stages.evaluate_mlm import evaluate_mlm
-
-
-@dataclass
-class PretrainData:
-    train: str = ""  # directory made by tools/preprocess_corpus.py
-    eval: str | None = None  # held-out shard directory (e.g. WikiText-2 valid)
-    eval_max_sequences: int | None = 2000
-    eval_seed: int = 1234  # fixed evaluation masks
-    eval_mask_prob: float = 0.15  # evaluation masks stay BERT's 15% whatever the training rate
-    mask_prob: float = 0.15
-    verify: Literal["full", "size"] = "full"  # sha256 of every shard at start, or sizes only
-
-    def validate(self) -> None:
-        if not self.train:
-            raise ValueError("missing required key 'data.train' (a preprocessed shard directory)")
-        for key in ("mask_prob", "eval_mask_prob"):
-            if not 0 < getattr(self, key) < 1:
-                raise ValueError(f"data.{key} must be in (0, 1), got {getattr(self, key)}")
-
-
-@dataclass
-class PretrainRecipe(StageRecipe):
-    data: PretrainData = field(default_factory=PretrainData)
-
 
 
 class Pretrain(Stage):
