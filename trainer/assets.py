@@ -14,8 +14,11 @@ from trainer.errors import UserError
 
 
 def ds_config_dir() -> Path:
-    """The named DeepSpeed configs (`ds_configs/*.json`), or `$WELLREAD_DS_CONFIGS`."""
-    return Path(os.environ.get("WELLREAD_DS_CONFIGS", Path(__file__).resolve().parents[1] / "ds_configs"))
+    """The named DeepSpeed configs (the `ds_configs` package's *.json, installed with wellread), or
+    `$WELLREAD_DS_CONFIGS`."""
+    if override := os.environ.get("WELLREAD_DS_CONFIGS"):
+        return Path(override)
+    return Path(str(importlib.resources.files("ds_configs")))
 
 
 def minilm_dir() -> Path:

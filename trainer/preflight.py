@@ -291,13 +291,8 @@ def _corpus_shape(directory: str) -> tuple[int, int | None]:
 
 
 def _preprocess(argv: Sequence[str], res: Resources, out: Checked) -> Checked:
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-    from preprocess_corpus import parse_args
-
     try:
-        args = parse_args(list(argv))
+        args = registry.parse_args("preprocess", argv)
     except SystemExit:
         raise UserError(f"preprocess: invalid arguments: {shlex.join(argv)}") from None
     for f in args.inputs:

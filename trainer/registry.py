@@ -29,6 +29,8 @@ class Command:
 
 COMMANDS: tuple[Command, ...] = (
     Command("models", "trainer.models.zoo", "print the model grid with parameter counts"),
+    Command("preprocess", "trainer.stages.preprocess", "tokenize a corpus into memory-mapped token shards",
+            script="preprocess.sbatch", checked=True),
     Command("pretrain", "trainer.stages.pretrain", "MLM pre-training (DeepSpeed)",
             "trainer.recipes.pretrain:PretrainRecipe", "pretrain_grid.sbatch", checked=True),
     Command("finetune", "trainer.stages.finetune", "fine-tune on a labeled task",
@@ -53,9 +55,9 @@ BY_NAME = {c.name: c for c in COMMANDS}
 #: stages driven by a YAML recipe that a study graph writes (the pipeline's own recipe is the study)
 RECIPE_STAGES = tuple(c.name for c in COMMANDS if c.recipe and c.name != "pipeline")
 #: graph node kind -> sbatch script
-SCRIPTS = {c.name: c.script for c in COMMANDS if c.script} | {"preprocess": "preprocess.sbatch"}
-#: `wellread check` stages (pretrain-grid: the pre-training array; preprocess: tools/preprocess_corpus.py)
-CHECKED = (*(c.name for c in COMMANDS if c.checked), "pretrain-grid", "preprocess")
+SCRIPTS = {c.name: c.script for c in COMMANDS if c.script}
+#: `wellread check` stages (pretrain-grid: the pre-training array)
+CHECKED = (*(c.name for c in COMMANDS if c.checked), "pretrain-grid")
 
 
 def command(name: str) -> Command:

@@ -1,7 +1,7 @@
 """The graph of a study: one node per stage run, each a stage command with its recipe, in dependency order.
 
 No stage is re-implemented here: a node is the YAML recipe of an existing stage (`wellread pretrain`,
-`finetune`, `label`, `distill`) or the arguments of a command (`tools/preprocess_corpus.py`, `wellread
+`finetune`, `label`, `distill`) or the arguments of a command (`wellread preprocess`, `wellread
 evaluate`, `wellread init-student`), and `stage_command` is the one place that turns a node into a command
 line, so a cluster launcher (Slurm) can submit the same graph. The one node the pipeline runs itself is
 `select` (pick the best pd learning rate per seed for pd_ft), which reads finished metrics.
@@ -31,7 +31,6 @@ from trainer.config import from_dict, to_dict
 from trainer.errors import UserError
 from trainer.pipeline.study import DISTILLED, PRETRAINED, StudentSpec, StudyRecipe, merge
 
-REPO = Path(__file__).resolve().parents[2]
 RECIPE_STAGES = registry.RECIPE_STAGES
 LOCAL_STAGES = ("preprocess", "init-student")  # single-process commands: never under a distributed launcher
 RECIPE_FILE = "pipeline-recipe.yaml"
@@ -75,7 +74,7 @@ def stage_command(node: Node, launcher: Sequence[str] = ()) -> list[str]:
     (e.g. ["torchrun", "--nproc_per_node=2"] or ["srun", "python"]); default: this interpreter."""
     python = list(launcher) or [sys.executable]
     if node.kind == "preprocess":
-        return [sys.executable, str(REPO / "tools" / "preprocess_corpus.py"), *node.args, *node.unkeyed_args]
+        return [sys.executable, "-m", "trainer.cli", "preprocess", *node.args, *node.unkeyed_args]
     if node.kind == "init-student":
         return [sys.executable, "-m", "trainer.cli", node.kind, *node.args]
     if node.kind in RECIPE_STAGES:

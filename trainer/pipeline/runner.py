@@ -3,7 +3,8 @@
 Each stage's output goes to its directory's `pipeline.log`; the console gets one line when a stage starts
 (or is found cached) and one when it ends, with the elapsed time and an ETA. SIGINT/SIGTERM/SIGUSR1 are
 forwarded to the running stage as SIGTERM (it checkpoints and exits), then the pipeline stops; the same
-command continues where it stopped.
+command continues where it stopped. Each node runs through trainer/pipeline/execute.py (the step executor the
+Slurm job shares), with `LocalRunner` running its command.
 """
 
 from __future__ import annotations
@@ -15,16 +16,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
 from trainer.errors import UserError
 from trainer.fileio import atomic_write_bytes, atomic_write_json
 from trainer.pipeline import cache
-from trainer.pipeline.graph import Graph, Node, stage_command
+from trainer.pipeline.execute import command_of, dump_yaml_dict, execute, wait
+from trainer.pipeline.graph import Graph, Node
 from trainer.pipeline.report import fmt_time, write_report
-from trainer.pipeline.select import run_select
 
 LOG = "pipeline.log"
 PLAN = "study.json"
@@ -102,8 +102,9 @@ class Clock:
 
 
 # ---------------------------------------------------------------------------------------------- running
-class Child:
-    """The running stage process, with signals forwarded to its process group."""
+class LocalRunner:
+    """Runs a stage's command (trainer/pipeline/execute.py's Runner) with its output in the node's pipeline.log;
+    SIGINT/SIGTERM/SIGUSR1 that reach the pipeline are forwarded to the stage's process group as SIGTERM."""
 
     def __init__(self):
         self.proc: subprocess.Popen | None = None
@@ -116,7 +117,17 @@ class Child:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
 
-    def run(self, cmd: list[str], log: Path) -> int:
+    def run(self, node: Node, cmd: list[str]) -> None:
+        log = node.out_dir / LOG
+        rc = self.call(cmd, log)
+        if self.signum is not None:
+            raise Stopped(f"stopped by {signal.Signals(self.signum).name} during {node.id} (the stage was told to "
+                          f"checkpoint; log {log}); run the same command again to continue", self.signum)
+        if rc != 0:
+            print(tail(log), file=sys.stderr)
+            raise StageFailed(f"stage {node.id} failed (exit {rc}); command: {' '.join(cmd)}; log: {log}")
+
+    def call(self, cmd: list[str], log: Path) -> int:
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -126,11 +137,7 @@ class Child:
             f.flush()
             self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
-            while True:
-                try:
-                    return self.proc.wait()
-                except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for old interpreters
-                    continue
+            return wait(self.proc)
         finally:
             self.proc = None
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -142,36 +149,6 @@ def tail(path: Path, lines: int = 25) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except FileNotFoundError:
         return ""
-
-
-def run_node(node: Node, st: cache.Status, graph: Graph, child: Child,
-             select: Callable[[Node], None]) -> dict[str, Any]:
-    """Run one node to completion and record it; returns its finished marker."""
-    cache.prepare(node, st)
-    t0 = time.time()
-    cmd = None
-    child.cpu_seconds = 0.0
-    if node.kind == "select":
-        select(node)
-    else:
-        if node.recipe is not None:
-            atomic_write_bytes(node.recipe_path, dump_yaml_dict(node.recipe).encode())
-        cmd = stage_command(node, graph.launcher)
-        log = node.out_dir / LOG
-        rc = child.run(cmd, log)
-        if child.signum is not None:
-            raise Stopped(f"stopped by {signal.Signals(child.signum).name} during {node.id} (the stage was told to "
-                          f"checkpoint; log {log}); run the same command again to continue", child.signum)
-        if rc != 0:
-            print(tail(log), file=sys.stderr)
-            raise StageFailed(f"stage {node.id} failed (exit {rc}); command: {' '.join(cmd)}; log: {log}")
-    return cache.finish(node, st, time.time() - t0, cmd, child.cpu_seconds)
-
-
-def dump_yaml_dict(recipe: dict[str, Any]) -> str:
-    import yaml
-
-    return yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None)
 
 
 def write_plan_record(graph: Graph, recipe_path: str) -> None:
@@ -191,19 +168,19 @@ def run_graph(graph: Graph, recipe_path: str, dry_run: bool = False, stream: Tex
         print_plan(graph, rows, stream)
         return 0
     write_plan_record(graph, recipe_path)
-    child, clock = Child(), Clock()
+    runner, clock = LocalRunner(), Clock()
     previous = {node.id: (st.marker if st is not None else None) for node, st, _ in rows}
     to_run = {node.id for node, st, _ in rows if st is None or not st.cached}
-    handlers = {s: signal.signal(s, child.handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    handlers = {s: signal.signal(s, runner.handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     try:
         digests: dict[str, str] = {}
         nodes = list(graph)
         n = len(nodes)
         ran = cached = 0
         for i, node in enumerate(nodes, 1):
-            if child.signum is not None:
-                raise Stopped(f"stopped by {signal.Signals(child.signum).name} before {node.id}; run the same "
-                              "command again to continue", child.signum)
+            if runner.signum is not None:
+                raise Stopped(f"stopped by {signal.Signals(runner.signum).name} before {node.id}; run the same "
+                              "command again to continue", runner.signum)
             st = cache.status(node, digests)
             head = f"[{i:>{len(str(n))}}/{n}] {node.id}"
             if st.cached:
@@ -214,7 +191,7 @@ def run_graph(graph: Graph, recipe_path: str, dry_run: bool = False, stream: Tex
                 continue
             print(f"{head}: running {node.kind} ({st.reason}) | elapsed {fmt_time(time.time() - clock.t0)}",
                   file=stream, flush=True)
-            marker = run_node(node, st, graph, child, run_select)
+            marker = execute(node, st, command_of(node, graph.launcher), runner)
             digests[node.id] = marker["output_digest"]
             ran += 1
             clock.done.append((node.kind, node.meta.get("student", ""), marker["seconds"]))

@@ -68,7 +68,7 @@ class StudySection:
 class CorpusSection:
     """D_LM, the pre-training corpus: text files to preprocess, or an already preprocessed directory."""
 
-    files: list[str] = field(default_factory=list)  # paths or globs (tools/preprocess_corpus.py inputs)
+    files: list[str] = field(default_factory=list)  # paths or globs (`wellread preprocess` inputs)
     dir: str | None = None  # an existing shard directory instead of `files`
     eval_files: list[str] = field(default_factory=list)  # held-out text: masked-token accuracy while pre-training
     eval_dir: str | None = None

@@ -13,7 +13,7 @@ from trainer.recipes.base import RunSection, StageRecipe, TrainSection
 class DistillData:
     store: str | None = None  # soft-label store from `wellread label` (the offline teacher)
     transfer: TransferSection | None = None  # online classification teacher: the transfer set (default: the store's)
-    corpus: str | None = None  # MLM mode with an online teacher: token shards (tools/preprocess_corpus.py)
+    corpus: str | None = None  # MLM mode with an online teacher: token shards (`wellread preprocess`)
     max_seq_len: int | None = None  # default: the labeling recipe's, else 128
     mask_prob: float = 0.15  # MLM mode: dynamic masking of data.corpus
     eval_task: str | None = None  # classification: a labeled task (e.g. sst2) for dev metrics

@@ -10,7 +10,7 @@ from trainer.recipes.base import StageRecipe
 
 @dataclass
 class PretrainData:
-    train: str = ""  # directory made by tools/preprocess_corpus.py
+    train: str = ""  # directory made by `wellread preprocess`
     eval: str | None = None  # held-out shard directory (e.g. WikiText-2 valid)
     eval_max_sequences: int | None = 2000
     eval_seed: int = 1234  # fixed evaluation masks
