@@ -109,7 +109,7 @@ wellread_exit() {
 }
 
 # The body of a stage script: `wellread STAGE ARGS` on every task (srun), or, when the arguments are
-# `--pipeline-node PLAN GROUP`, one node of a study submitted by slurm/submit_pipeline.sh (trainer/slurm/pipeline.py
+# `--pipeline-node PLAN GROUP`, one node of a study submitted by slurm/submit_pipeline.sh (trainer/slurm/job.py
 # runs it: cache check, the stage's command under srun, the finished marker).
 wellread_stage() {
   local stage=$1

@@ -68,7 +68,7 @@ def test_dry_run_runs_every_step_and_brings_back_a_loadable_fp16_student(tmp_pat
     assert report.returncode == 0, report.stderr
     for title, _ in gpu_report.SECTIONS.values():
         assert f"### {title} (ok, " in report.stdout
-    assert "| bert-L2-H128 | zero3 | 2 |" in report.stdout and "| bert-base | bert-L2-H128 |" in report.stdout
+    assert "| larger | zero3 | 2 |" in report.stdout and "| bert-base | bert-L2-H128 |" in report.stdout
     assert json.loads((tmp_path / "gpu.json").read_text()) == summary
     from safetensors import safe_open
     from transformers import BertForMaskedLM

@@ -4,5 +4,7 @@
     graph.py    the graph of stage nodes and the one function that turns a node into a command
     cache.py    keys, markers and output digests: what is finished, what must re-run and why
     runner.py   runs the graph in order, with progress lines, resume and signal forwarding
+    execute.py  runs one node (the step executor the Slurm in-job runner shares)
+    select.py   the one node run in-process: the best learning rate per seed
     report.py   results.md / results.json / results.png from the finished runs
 """

@@ -1,8 +1,8 @@
 """`python -m trainer.slurm COMMAND ...`: what slurm/*.sh and slurm/*.sbatch call.
 
     submit [--check] [--gpu-mem GIB] [sbatch options] SCRIPT [ARGS]   check, then sbatch (slurm/submit.sh)
-    pipeline STUDY.yaml [overrides] [--check] [--dry-run] ...           slurm/submit_pipeline.sh
-    run-node PLAN.json GROUP                                            inside a pipeline job
+    pipeline STUDY.yaml [overrides] [--check] [--dry-run] ...           slurm/submit_pipeline.sh (pipeline.py)
+    run-node PLAN.json GROUP                                            inside a pipeline job (job.py)
     grid-task RECIPE.yaml [overrides]                                   inside slurm/pretrain_grid.sbatch
 """
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_main(pipeline_main, rest)
     if command == "run-node":
-        from trainer.slurm.pipeline import run_node_main
+        from trainer.slurm.job import run_node_main
 
         return run_main(run_node_main, rest)
     if command == "grid-task":

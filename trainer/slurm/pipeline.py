@@ -14,11 +14,12 @@ Nothing of the graph is rebuilt here: the nodes, their recipes, the cache keys a
 - Resources. Each kind's job uses that stage's sbatch script (slurm/pretrain_grid.sbatch, finetune, label,
   distill, evaluate, preprocess; slurm/wellread.sbatch for finalize, select and the report), so the #SBATCH
   defaults there apply; `--sbatch distill="-N 4 --ntasks-per-node=8 --gpus-per-node=8"` adds options.
-- A job runs `python -m trainer.slurm run-node PLAN GROUP`, which does what the local runner does for one
-  node: compute its key from the finished markers of its inputs, skip it when cached, clear or resume its
-  directory, write its recipe, run its command (srun for the stages that run on several ranks), and write the
-  finished marker. A stage stopped for pre-emption exits 75 and the job requeues itself (slurm/common.sh);
-  the requeued task resumes the node from its checkpoints.
+- A job runs `python -m trainer.slurm run-node PLAN GROUP` (trainer/slurm/job.py, the in-job side), which does
+  what the local runner does for one node, through the same step executor (trainer/pipeline/execute.py): skip
+  it when cached, clear or resume its directory, write its recipe, run its command (srun for the stages that
+  run on several ranks), and write the finished marker. A stage stopped for pre-emption exits 75 and the job
+  requeues itself (slurm/common.sh); the requeued task resumes the node from its checkpoints. This module is
+  the submitting side; the plan file between the two is trainer/slurm/plan.py.
 - `--check` runs `wellread check` on every node that will run, with the resources of its job, before anything
   is submitted (paths that an earlier job of the same study will write are not required to exist yet).
 
@@ -29,63 +30,24 @@ go to STUDY_OUT_DIR/slurm/logs/.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
-import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from trainer import registry
 from trainer.errors import UserError
-from trainer.fileio import atomic_write_bytes, atomic_write_json
+from trainer.fileio import atomic_write_json
+from trainer.slurm.plan import Group, node_record
 
-# graph node kind -> the sbatch script whose #SBATCH defaults its job takes
-SCRIPTS = registry.SCRIPTS
 ORDER = ("preprocess", "merge", "pretrain", "init-student", "finetune", "label", "finalize", "distill", "select",
          "evaluate", "report")
-LOCAL_KINDS = ("merge", "finalize", "select", "report", "init-student")  # one process in the batch step
 
 
-@dataclass
-class Group:
-    """One job array: `nodes[i]` runs in array task i (a shard group runs one node in every task)."""
-
-    kind: str  # a node kind, or label shards / finalize, preprocess parts / merge, report
-    nodes: list[str]
-    deps: list[int] = field(default_factory=list)  # indices of the groups it waits for
-    tasks: int = 1
-    mode: str = "run"  # run | shards | finalize | parts | merge | report
-    job: str | None = None
-
-    @property
-    def script(self) -> str:
-        if self.kind in SCRIPTS and self.mode in ("run", "shards", "parts"):
-            return SCRIPTS[self.kind]
-        return "wellread.sbatch"
-
-
-# ---------------------------------------------------------------------------------------------- plan
-def node_record(node) -> dict[str, Any]:
-    d = asdict(node)
-    d["out_dir"] = str(node.out_dir)
-    d["inputs"] = [str(p) for p in node.inputs]
-    return d
-
-
-def node_from(record: dict[str, Any]):
-    from trainer.pipeline.graph import Node
-
-    return Node(**{**record, "out_dir": Path(record["out_dir"]), "inputs": [Path(p) for p in record["inputs"]]})
-
-
+# ---------------------------------------------------------------------------------------------- job arrays
 def make_groups(graph, to_run: list[str], label_shards: int, preprocess_tasks: int) -> list[Group]:
     """Job arrays for the nodes to run, each after the groups holding its inputs, in submission order."""
     last: dict[str, int] = {}  # node id -> index of the group whose success means the node is finished
@@ -303,118 +265,4 @@ def submit(opts: Options, stream=sys.stdout) -> list[Group]:
 
 def pipeline_main(argv: list[str]) -> int:
     submit(parse(list(argv)))
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------- in the job
-@contextlib.contextmanager
-def node_lock(out_dir: Path) -> Iterator[None]:
-    """Serialises the cache decisions of the array tasks that share one node (label shards, preprocess parts)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_dir.parent / f".{out_dir.name}.slurm-lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-class Child:
-    """The stage command, with SIGUSR1/SIGTERM that reach this process passed on to it (srun forwards them)."""
-
-    def __init__(self):
-        self.proc: subprocess.Popen | None = None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self.forward)
-
-    def forward(self, signum, frame) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signum)
-
-    def run(self, cmd: list[str]) -> int:
-        print(f"$ {shlex.join(cmd)}", flush=True)
-        self.proc = subprocess.Popen(cmd)
-        while True:
-            try:
-                return self.proc.wait()
-            except InterruptedError:  # pragma: no cover
-                continue
-
-
-def upstream_digests(node, record: dict[str, Any]) -> dict[str, str]:
-    """Output digests of the node's inputs, from their finished markers (the jobs before this one wrote them)."""
-    from trainer.pipeline import cache
-
-    digests = {}
-    for dep in node.deps:
-        out = record["nodes"][dep]["out_dir"] if dep in record["nodes"] else record["deps_done"][dep]
-        marker = cache.read_marker(Path(out) / cache.DONE)
-        if marker is None:
-            raise UserError(f"{node.id}: input stage {dep} is not finished ({Path(out) / cache.DONE} missing)")
-        digests[dep] = marker["output_digest"]
-    return digests
-
-
-def run_node_main(argv: list[str]) -> int:
-    """`python -m trainer.slurm run-node PLAN GROUP`: this array task's share of the group; -> exit code."""
-    from trainer.pipeline import cache
-    from trainer.pipeline.graph import stage_command
-    from trainer.pipeline.runner import dump_yaml_dict
-
-    if len(argv) != 2:
-        raise UserError("usage: python -m trainer.slurm run-node PLAN.json GROUP")
-    record = json.loads(Path(argv[0]).read_text())
-    os.chdir(record["cwd"])
-    group = Group(**record["groups"][int(argv[1])])
-    task = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
-    if group.mode == "report":
-        from trainer.pipeline.report import write_report
-
-        paths = write_report(Path(record["out_dir"]))
-        print(paths.table)
-        print(f"results: {paths.md}  {paths.json}\nplot: {paths.png}\nTensorBoard: tensorboard --logdir "
-              f"{record['out_dir']}", flush=True)
-        return 0
-    node = node_from(record["nodes"][group.nodes[0] if group.mode != "run" else group.nodes[task]])
-    digests = upstream_digests(node, record)
-    with node_lock(node.out_dir):
-        st = cache.status(node, digests)
-        if st.cached:
-            print(f"{node.id}: cached (finished earlier with the same inputs)", flush=True)
-            return 0
-        if group.mode in ("run", "shards", "parts"):
-            print(f"{node.id}: running {node.kind} ({st.reason})", flush=True)
-            cache.prepare(node, st)
-            if node.recipe is not None:
-                atomic_write_bytes(node.recipe_path, dump_yaml_dict(node.recipe).encode())
-    t0 = time.time()
-    if node.kind == "select":
-        from trainer.pipeline.select import run_select
-
-        run_select(node)
-        cmd = None
-    else:
-        srun = ["srun", "--kill-on-bad-exit=1", "--unbuffered", sys.executable, "-m", "trainer.slurm.task"]
-        cmd = stage_command(node, srun)
-        if group.mode == "shards":
-            cmd += ["--shard-index", str(task), "--num-shards", str(group.tasks)]
-        elif group.mode == "finalize":
-            cmd = [sys.executable, "-m", "trainer.cli", "label", str(node.recipe_path), "--finalize"]
-        elif group.mode == "parts":
-            cmd += ["--task-index", str(task), "--num-tasks", str(group.tasks)]
-        elif group.mode == "merge":
-            cmd += ["--merge", "--num-tasks", str(record["preprocess_tasks"])]
-        rc = Child().run(cmd)
-        marker = os.environ.get("WELLREAD_STOP_MARKER")
-        if rc == 0 and marker and os.path.exists(marker):  # every rank stopped for pre-emption (trainer/slurm/task.py)
-            print(f"{node.id}: stopped for pre-emption; the requeued job resumes it", flush=True)
-            return 75
-        if rc != 0:
-            print(f"{node.id}: {node.kind} exited {rc}", file=sys.stderr, flush=True)
-            return rc
-    if group.mode in ("run", "finalize", "merge"):
-        with node_lock(node.out_dir):
-            cache.finish(node, st, time.time() - t0, cmd)
-        print(f"{node.id}: finished in {time.time() - t0:.0f}s", flush=True)
     return 0

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer import registry
+from trainer.pipeline.graph import Node
 
 # graph node kind -> the sbatch script whose #SBATCH defaults its job takes
 SCRIPTS = registry.SCRIPTS
@@ -41,14 +42,12 @@ class Group:
         return "wellread.sbatch"
 
 
-def node_record(node) -> dict[str, Any]:
+def node_record(node: Node) -> dict[str, Any]:
     d = asdict(node)
     d["out_dir"] = str(node.out_dir)
     d["inputs"] = [str(p) for p in node.inputs]
     return d
 
 
-def node_from(record: dict[str, Any]):
-    from trainer.pipeline.graph import Node
-
+def node_from(record: dict[str, Any]) -> Node:
     return Node(**{**record, "out_dir": Path(record["out_dir"]), "inputs": [Path(p) for p in record["inputs"]]})
