@@ -340,6 +340,7 @@ def plain_inference(recipe) -> int:
 
     from trainer.data.tokenization import load_tokenizer, special_ids
     from trainer.launcher import DistEnv
+    from trainer.models.teacher import Teacher
     from trainer.models.zoo import resolve
     from trainer.stages import label as lab
 
@@ -347,7 +348,7 @@ def plain_inference(recipe) -> int:
     o = recipe.output
     tok = load_tokenizer(model_dir)
     specials = special_ids(tok)
-    teacher = lab.Teacher(model_dir, o.kind, o.topk, torch.device("cpu"))
+    teacher = Teacher(model_dir, o.kind, torch.device("cpu"))
     todo, _ = lab.writer_examples(recipe, 0, 1, DistEnv())
     tok.enable_truncation(max_length=o.max_seq_len)
     for start in range(0, len(todo), o.batch_size * 32):
@@ -358,7 +359,7 @@ def plain_inference(recipe) -> int:
         order = np.argsort([len(s) for s in seqs], kind="stable")
         for b in range(0, len(order), o.batch_size):
             idx = order[b:b + o.batch_size]
-            teacher(lab._batch([seqs[i] for i in idx], [types[i] for i in idx], specials.pad))  # discarded
+            lab.soft_labels(teacher, lab._batch([seqs[i] for i in idx], [types[i] for i in idx], specials.pad), o)
     return len(todo)
 
 
@@ -366,22 +367,24 @@ def labeling(tmp: Path, args) -> dict:
     import torch
     import transformers
 
+    from trainer.data.transfer import TransferSection
     from trainer.launcher import DistEnv
     from trainer.models.zoo import minilm_dir
+    from trainer.recipes.label import LabelOutput, LabelRecipe
     from trainer.stages import label as lab
 
     transformers.logging.set_verbosity_error()  # the random classifier head's "newly initialized" warning
     clock = _Clock()
-    lab.Teacher.__call__ = clock.wrap("forward_s", lab.Teacher.__call__)
+    lab.soft_labels = clock.wrap("forward_s", lab.soft_labels)
     lab.maybe_finalize = clock.wrap("finalize_s", lab.maybe_finalize)  # incl. teacher/transfer fingerprints
     lab.teacher_fingerprint = clock.wrap("weights_sha256_s", lab.teacher_fingerprint)
 
     def recipe(out_dir: Path, n: int):
-        r = lab.LabelRecipe(
+        r = LabelRecipe(
             teacher=str(minilm_dir()),
-            transfer=lab.TransferSection(task="sst2", task_split="train", data_root=str(args.data_root),
+            transfer=TransferSection(task="sst2", task_split="train", data_root=str(args.data_root),
                                          max_examples=n),
-            output=lab.LabelOutput(out_dir=str(out_dir), kind="classification", max_seq_len=args.seq_len,
+            output=LabelOutput(out_dir=str(out_dir), kind="classification", max_seq_len=args.seq_len,
                                    batch_size=args.label_batch))
         r.validate()
         return r

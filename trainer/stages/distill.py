@@ -16,6 +16,11 @@ with none runs a zero-weight filler); the store's teacher,
 tokenizer and transfer-set fingerprints are checked, then recorded in OUT/distill-source.json and the
 export; the teacher runs on the data side under no_grad, so the engine holds the student alone.
 
+The code: `DistillStage` holds what both kinds share (the store, the tokenizer checks, the online teacher
+(trainer/models/teacher.py, the one `wellread label` uses), the record, the batch split, the export);
+`ClassifierDistill` (KD / PD / PKD) and `MLMDistill` (DistilBERT) add their data, module, order, batches,
+count and evaluation. `distill_stage` picks one from the recipe: the store's kind, else data.corpus (MLM).
+
 Normalisation: every term is summed over its rows and the sum divided by one global count per step:
 examples (classification) or KD positions (MLM; = masked positions with `kd_positions: masked`). The
 cosine term of the MLM mode is summed over all non-pad positions, so relative to DistilBERT's per-position
@@ -26,7 +31,6 @@ See trainer/models/distillation.py for the conventions of each term and how to t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -42,61 +46,47 @@ from trainer.data.tasks import Example, resolve_task
 from trainer.data.tokenization import hf_tokenizer, load_tokenizer, special_ids, tokenizer_hash
 from trainer.data.transfer import TransferSection, transfer_examples, transfer_fingerprint
 from trainer.errors import UserError
-from trainer.fileio import atomic_write_json, sha256_file
+from trainer.fileio import atomic_write_json
 from trainer.launcher import DistEnv
 from trainer.loop import Stage, Trainer, run_stage
+from trainer.models.teacher import Teacher, teacher_dir
 from trainer.recipes.distill import DistillRecipe
 from trainer.registry import add_recipe_arguments
 
 
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+class DistillStage(Stage):
+    """What every kind of distillation shares; a subclass per kind builds its module and batches."""
 
-
-def _teacher_precision(dtype: torch.dtype):
-    """The online teacher runs under autocast in the engine's precision on a GPU (a bf16 student beside an
-    fp32 teacher spent most of the step in the teacher); on CPU it stays fp32, as the store's labels are."""
-    if dtype == torch.float32 or not torch.cuda.is_available():
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=dtype)
-
-
-class Distill(Stage):
     name = "distill"
+    kind: str
+    default_temperature: float
+    max_len: int
 
-    def __init__(self, recipe: DistillRecipe):
+    def __init__(self, recipe: DistillRecipe, store: SoftLabelStore | None = None):
         self.recipe = recipe
-        self.store: SoftLabelStore | None = None
-        self.teacher = None
-        self.source: dict[str, Any] = {}
+        self.store = store  # the offline teacher, opened (and verified) by distill_stage
+        self.teacher: Teacher | None = None  # the online one
+        self.source: dict[str, Any] = {}  # OUT/distill-source.json and the export's record
+        self.t = recipe.loss.temperature or self.default_temperature
 
     # -- building
     def prepare(self, env: DistEnv, where: str) -> None:
-        """The store, the tokenizer checks and the frozen online teacher (never partitioned: it is not trained)."""
-        data = self.recipe.data
-        if data.store:
-            self.store = SoftLabelStore(data.store, verify=data.verify)
-            self.kind = self.store.kind
-        else:
-            self.kind = "mlm" if data.corpus else "classification"
-        self.t = self.recipe.loss.temperature or (2.0 if self.kind == "mlm" else 1.0)
-        self.tokenizer = self._student_tokenizer(where)
+        """The tokenizer checks and the frozen online teacher (never partitioned: it is not trained)."""
+        self.tokenizer = self._student_tokenizer()
         if self.recipe.teacher.model:
-            from trainer.engine import load_ds_config, precision
-
             self.teacher = self._load_teacher()
-            self.teacher_dtype = precision(load_ds_config(self.recipe.engine.ds_config)[0])
 
     def build(self, env: DistEnv, where: str) -> torch.nn.Module:
-        data = self.recipe.data
-        module = self._build_classification(where) if self.kind == "classification" else self._build_mlm(where)
-        self.eval_prefix = f"eval_{data.eval_split}" if self.kind == "classification" else "eval"
+        module = self.build_distiller(where)
         if env.is_main:
             Path(self.recipe.run.out_dir).mkdir(parents=True, exist_ok=True)
             atomic_write_json(Path(self.recipe.run.out_dir) / "distill-source.json", self.source)
         return module
 
-    def _student_tokenizer(self, where: str):
+    def build_distiller(self, where: str) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def _student_tokenizer(self):
         from trainer.models.zoo import resolve
 
         spec = resolve(self.recipe.model.name)
@@ -112,28 +102,68 @@ class Distill(Stage):
         self.source["tokenizer_hash"] = tokenizer_hash(tok)
         return tok
 
-    def _load_teacher(self):
-        from transformers import BertForMaskedLM, BertForSequenceClassification
+    def _load_teacher(self) -> Teacher:
+        """The online teacher in the engine's precision, checked against the student's tokenizer and the store's
+        teacher."""
+        from trainer.engine import load_ds_config, precision
 
-        from trainer.models.zoo import resolve
-
-        spec = resolve(self.recipe.teacher.model)
-        if not isinstance(spec, Path):
-            raise UserError(f"teacher.model: '{self.recipe.teacher.model}' is a preset; give a trained model directory")
-        cls = BertForSequenceClassification if self.kind == "classification" else BertForMaskedLM
-        teacher = cls.from_pretrained(spec).to(_device()).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        if tokenizer_hash(load_tokenizer(spec)) != self.source["tokenizer_hash"]:
+        spec = teacher_dir(self.recipe.teacher.model, "teacher.model")
+        teacher = Teacher(spec, self.kind, precision=precision(load_ds_config(self.recipe.engine.ds_config)[0]))
+        if tokenizer_hash(teacher.tokenizer()) != self.source["tokenizer_hash"]:
             raise UserError(f"teacher.model: {spec} uses another tokenizer than the student "
                             f"'{self.recipe.model.name}'")
         if self.store is not None:
             theirs = (self.store.header.get("teacher") or {}).get("weights_sha256")
-            if theirs != sha256_file(spec / "model.safetensors"):
+            if theirs != teacher.weights_sha256():
                 raise UserError(f"teacher.model: {spec} is not the teacher that labeled {self.store.directory} "
                                 f"(weights sha256 {str(theirs)[:12]}..); re-label, or drop teacher.model")
         self.source["online_teacher"] = str(spec)
         return teacher
+
+    # -- each step
+    def micro_batches(self, items: np.ndarray, epoch: int, accumulation: int) -> list[dict[str, torch.Tensor]]:
+        return [self.batch(chunk, epoch) for chunk in np.array_split(items, accumulation)]
+
+    def batch(self, chunk: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _filler(chunk: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        """A rank left without examples still runs a forward (zero weight) so ranks stay in step."""
+        if len(chunk):
+            return chunk, torch.ones(len(chunk))
+        return np.zeros(1, dtype=np.int64), torch.zeros(1)
+
+    def step_scalars(self, sums: dict[str, float], count: float) -> dict[str, float]:
+        out = {name: sums[name] / count for name in ("kd", "ce", "pkd", "mlm", "cos") if name in sums}
+        if "agree" in sums:
+            out["teacher_agreement"] = sums["agree"] / count
+        if sums.get("labeled"):
+            out["gold_acc"] = sums["correct"] / sums["labeled"]
+        if sums.get("masked"):
+            out["mlm_acc"] = sums["correct"] / sums["masked"]
+        return out
+
+    # -- output
+    def hf_tokenizer(self):
+        return hf_tokenizer(self.tokenizer, min(self.max_len, 512))
+
+    def export_info(self, trainer: Trainer, final_metrics: dict[str, float] | None) -> dict:
+        return {"stage": self.name, "step": trainer.state.step, "kind": self.kind, "temperature": self.t,
+                "metrics": final_metrics, "source": self.source,
+                "labels": getattr(getattr(self, "task", None), "labels", None)}
+
+
+class ClassifierDistill(DistillStage):
+    """Sequence classification (Turc et al. KD / PD, Patient KD): batches are transfer examples, their teacher
+    logits (and PKD's [CLS] states) from the store or the online teacher."""
+
+    kind = "classification"
+    default_temperature = 1.0
+
+    @property
+    def eval_prefix(self) -> str:
+        return f"eval_{self.recipe.data.eval_split}"
 
     def _transfer(self, where: str) -> tuple[TransferSection, list[tuple[str, int]]]:
         """The transfer set: the recipe's, else the one the store was labeled on; checked against the store."""
@@ -153,50 +183,107 @@ class Distill(Stage):
         self.source["transfer_fingerprint"] = fingerprint
         return t, examples
 
-    def _build_classification(self, where: str) -> torch.nn.Module:
+    def build_distiller(self, where: str) -> torch.nn.Module:
         from trainer.models.classify import load_classifier
-        from trainer.models.distillation import pkd_layer_map
         from trainer.models.distiller import ClassifierDistiller
 
         data, loss, model = self.recipe.data, self.recipe.loss, self.recipe.model
         _, examples = self._transfer(where)
         label_cfg = self.store.header.get("config", {}).get("output", {}) if self.store is not None else {}
-        max_len = data.max_seq_len or label_cfg.get("max_seq_len", 128)
-        self.max_len = max_len
+        self.max_len = data.max_seq_len or label_cfg.get("max_seq_len", 128)
         self.pad_id = special_ids(self.tokenizer).pad
         rows = [Example(text, None, gold, "transfer") for text, gold in examples]
-        self.encoded: Encoded = encode(rows, self.tokenizer, max_len, regression=False)
-        num_classes = self.store.num_classes if self.store is not None else self.teacher.config.num_labels
+        self.encoded: Encoded = encode(rows, self.tokenizer, self.max_len, regression=False)
+        num_classes = self.store.num_classes if self.store is not None else self.teacher.num_classes
         self.hf = load_classifier(model.name, num_classes, model.dropout, model.attention,
                                   self.tokenizer.get_vocab_size())
-        student_layers: list[int] = []
+        self.teacher_layers: list[int] = []  # PKD: the teacher layers whose [CLS] states the student meets, in order
         self.cls_index: list[int] | None = None  # PKD from the store: which stored [CLS] layers, in map order
-        if loss.beta > 0:
-            stored = self.store.cls_layers if self.store is not None else []
-            if self.teacher is None and not stored:
-                raise UserError(f"{where}: loss.beta > 0 (Patient KD) needs the teacher's [CLS] states: give "
-                                "teacher.model, or a store labeled with output.cls_layers")
-            depth = self.teacher.config.num_hidden_layers if self.teacher is not None else self.store.teacher_layers
-            pairs = pkd_layer_map(depth, self.hf.config.num_hidden_layers, loss.pkd_scheme)
-            student_layers = [s for s, _ in pairs]
-            self.teacher_layers = [t for _, t in pairs]
-            if self.teacher is None:
-                missing = [t for t in self.teacher_layers if t not in stored]
-                if missing:
-                    raise UserError(f"{where}: PKD-{loss.pkd_scheme} ({depth} -> {self.hf.config.num_hidden_layers} "
-                                    f"layers) needs the teacher's [CLS] states after layers {self.teacher_layers}; "
-                                    f"{self.store.directory} holds layers {stored}: re-label with "
-                                    f"output.cls_layers={self.teacher_layers}, or give teacher.model")
-                self.cls_index = [stored.index(t) for t in self.teacher_layers]
-            self.source["pkd_map"] = pairs
-            self.source["pkd_teacher_states"] = "online" if self.teacher is not None else "store"
+        student_layers = self._patient_kd(where) if loss.beta > 0 else []
         self.eval_enc = None
         if data.eval_task:
             self.task = resolve_task(data.eval_task)
-            self.eval_enc, _ = load_task_data(self.task, data.eval_split, data.data_root, self.tokenizer, max_len)
+            self.eval_enc, _ = load_task_data(self.task, data.eval_split, data.data_root, self.tokenizer, self.max_len)
         return ClassifierDistiller(self.hf, self.t, loss.alpha, loss.beta, student_layers)
 
-    def _build_mlm(self, where: str) -> torch.nn.Module:
+    def _patient_kd(self, where: str) -> list[int]:
+        """The PKD layer map (student layers returned); the teacher's states come online, else from the store."""
+        from trainer.models.distillation import pkd_layer_map
+
+        loss = self.recipe.loss
+        stored = self.store.cls_layers if self.store is not None else []
+        if self.teacher is None and not stored:
+            raise UserError(f"{where}: loss.beta > 0 (Patient KD) needs the teacher's [CLS] states: give "
+                            "teacher.model, or a store labeled with output.cls_layers")
+        depth = self.teacher.depth if self.teacher is not None else self.store.teacher_layers
+        pairs = pkd_layer_map(depth, self.hf.config.num_hidden_layers, loss.pkd_scheme)
+        self.teacher_layers = [t for _, t in pairs]
+        if self.teacher is None:
+            missing = [t for t in self.teacher_layers if t not in stored]
+            if missing:
+                raise UserError(f"{where}: PKD-{loss.pkd_scheme} ({depth} -> {self.hf.config.num_hidden_layers} "
+                                f"layers) needs the teacher's [CLS] states after layers {self.teacher_layers}; "
+                                f"{self.store.directory} holds layers {stored}: re-label with "
+                                f"output.cls_layers={self.teacher_layers}, or give teacher.model")
+            self.cls_index = [stored.index(t) for t in self.teacher_layers]
+        self.source["pkd_map"] = pairs
+        self.source["pkd_teacher_states"] = "online" if self.teacher is not None else "store"
+        return [s for s, _ in pairs]
+
+    def make_order(self, global_batch: int, env: DistEnv) -> BatchOrder:
+        # Store index i is the example with the i-th smallest id; its length is that transfer example's.
+        lengths = self.encoded.lengths
+        if self.store is not None:
+            lengths = lengths[self.store.example_ids()]
+        return StoreSampler(len(lengths), global_batch, env.rank, env.world_size, self.recipe.train.seed, lengths,
+                            self.recipe.data.bucket_window)
+
+    def batch(self, chunk: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
+        idx, weight = self._filler(chunk)
+        if self.store is not None:
+            labels = self.store.batch(idx)
+            rows = labels["example_ids"]
+            teacher_logits, gold = torch.from_numpy(labels["logits"]), torch.from_numpy(labels["gold"])
+        else:
+            rows, teacher_logits, gold = idx, None, torch.from_numpy(self.encoded.labels[idx])
+        batch = collate(self.encoded, rows, self.pad_id)
+        batch.pop("labels", None)
+        batch.update(weight=weight, gold=gold)
+        if self.cls_index is not None:
+            batch["teacher_cls"] = torch.from_numpy(labels["cls"][:, self.cls_index])
+        pkd_online = self.teacher is not None and self.recipe.loss.beta > 0
+        if teacher_logits is None or pkd_online:  # the online teacher runs only when it gives something
+            inputs = {name: batch[name] for name in ("input_ids", "attention_mask", "token_type_ids")}
+            logits, cls = self.teacher.classify(inputs, self.teacher_layers if pkd_online else ())
+            teacher_logits = logits if teacher_logits is None else teacher_logits
+            if cls is not None:
+                batch["teacher_cls"] = cls
+        batch["teacher_logits"] = teacher_logits
+        return batch
+
+    def count(self, micro: list[dict[str, torch.Tensor]]) -> float:
+        return float(sum(b["weight"].sum() for b in micro))
+
+    def evaluate(self, trainer: Trainer) -> dict[str, float] | None:
+        if self.eval_enc is None:
+            return None
+        from trainer.data.task_metrics import compute_metrics
+        from trainer.models.classify import predict
+
+        logits = predict(trainer.engine.module, self.eval_enc, trainer.env, self.recipe.data.eval_batch_size,
+                         self.pad_id)
+        return compute_metrics(self.task, logits.argmax(-1), self.eval_enc.labels)
+
+
+class MLMDistill(DistillStage):
+    """DistilBERT: an online MLM teacher over dynamically masked token shards (KD + MLM + cosine), or the
+    top-k distributions of an MLM store at its (already masked) inputs (KD alone)."""
+
+    kind = "mlm"
+    default_temperature = 2.0
+    eval_prefix = "eval"
+
+    def build_distiller(self, where: str) -> torch.nn.Module:
         from trainer.data.indexed import TokenShards
         from trainer.data.masking import MaskSpec
         from trainer.models.distillation import HiddenProjection
@@ -225,7 +312,7 @@ class Distill(Stage):
         if loss.a_cos > 0:
             if self.teacher is None:
                 raise UserError(f"{where}: loss.a_cos > 0 needs teacher.model (the teacher's hidden states)")
-            hs, ht = self.hf.config.hidden_size, self.teacher.config.hidden_size
+            hs, ht = self.hf.config.hidden_size, self.teacher.hidden_size
             if hs != ht and not loss.projection:
                 raise UserError(f"{where}: the cosine term compares hidden states, but the student is {hs} wide and "
                                 f"the teacher {ht}: set loss.projection=true (a learned projection) or loss.a_cos=0")
@@ -235,116 +322,52 @@ class Distill(Stage):
                             projection)
 
     def make_order(self, global_batch: int, env: DistEnv) -> BatchOrder:
-        seed, window = self.recipe.train.seed, self.recipe.data.bucket_window
-        if self.kind == "classification":
-            # Store index i is the example with the i-th smallest id; its length is that transfer example's.
-            lengths = self.encoded.lengths
-            if self.store is not None:
-                lengths = lengths[self.store.example_ids()]
-            return StoreSampler(len(lengths), global_batch, env.rank, env.world_size, seed, lengths, window)
+        seed = self.recipe.train.seed
         if self.store is not None:
             return StoreSampler(len(self.store), global_batch, env.rank, env.world_size, seed)
         return BatchOrder(len(self.corpus), global_batch, env.rank, env.world_size, seed,
                           what=str(self.corpus.directory))
 
-    # -- each step
-    def micro_batches(self, items: np.ndarray, epoch: int, accumulation: int) -> list[dict[str, torch.Tensor]]:
-        chunks = np.array_split(items, accumulation)
-        return [self._classification_batch(c) if self.kind == "classification" else self._mlm_batch(c, epoch)
-                for c in chunks]
-
-    def _filler(self, chunk: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
-        """A rank left without examples still runs a forward (zero weight) so ranks stay in step."""
-        if len(chunk):
-            return chunk, torch.ones(len(chunk))
-        return np.zeros(1, dtype=np.int64), torch.zeros(1)
-
-    def _classification_batch(self, chunk: np.ndarray) -> dict[str, torch.Tensor]:
+    def batch(self, chunk: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
         idx, weight = self._filler(chunk)
-        if self.store is not None:
-            labels = self.store.batch(idx)
-            rows = labels["example_ids"]
-            teacher_logits, gold = torch.from_numpy(labels["logits"]), torch.from_numpy(labels["gold"])
-        else:
-            rows, teacher_logits, gold = idx, None, torch.from_numpy(self.encoded.labels[idx])
-        batch = collate(self.encoded, rows, self.pad_id)
-        batch.pop("labels", None)
-        batch.update(weight=weight, gold=gold)
-        if self.cls_index is not None:
-            batch["teacher_cls"] = torch.from_numpy(labels["cls"][:, self.cls_index])
-        if self.teacher is not None:
-            with torch.no_grad(), _teacher_precision(self.teacher_dtype):
-                dev = _device()
-                out = self.teacher(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
-                                   token_type_ids=batch["token_type_ids"].to(dev),
-                                   output_hidden_states=self.recipe.loss.beta > 0)
-            if teacher_logits is None:
-                teacher_logits = out.logits.float().cpu()
-            if self.recipe.loss.beta > 0:
-                batch["teacher_cls"] = torch.stack([out.hidden_states[t][:, 0] for t in self.teacher_layers],
-                                                   dim=1).float().cpu()
-        batch["teacher_logits"] = teacher_logits
-        return batch
+        return self._store_batch(idx, weight) if self.store is not None else self._online_batch(idx, weight, epoch)
 
-    def _mlm_batch(self, chunk: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
+    def _store_batch(self, idx: np.ndarray, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored inputs and top-k at every non-pad position (the KD positions)."""
+        got = self.store.batch(idx)
+        mask = torch.from_numpy(got["attention_mask"])
+        flat = torch.nonzero(mask.reshape(-1), as_tuple=True)[0]
+        k = got["topk_ids"].shape[-1]
+        return {"input_ids": torch.from_numpy(got["input_ids"]), "attention_mask": mask, "weight": weight,
+                "kd_positions": flat,
+                "topk_ids": torch.from_numpy(got["topk_ids"]).reshape(-1, k).index_select(0, flat),
+                "topk_logprobs": torch.from_numpy(got["topk_logprobs"]).reshape(-1, k).index_select(0, flat)}
+
+    def _online_batch(self, idx: np.ndarray, weight: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
+        """Corpus sequences masked for (seed, epoch, index), the teacher's logits at the KD positions."""
         from trainer.data.masking import mlm_batch
 
-        idx, weight = self._filler(chunk)
-        if self.store is not None:
-            got = self.store.batch(idx)
-            mask = torch.from_numpy(got["attention_mask"])
-            flat = torch.nonzero(mask.reshape(-1), as_tuple=True)[0]
-            k = got["topk_ids"].shape[-1]
-            return {"input_ids": torch.from_numpy(got["input_ids"]), "attention_mask": mask, "weight": weight,
-                    "kd_positions": flat,
-                    "topk_ids": torch.from_numpy(got["topk_ids"]).reshape(-1, k).index_select(0, flat),
-                    "topk_logprobs": torch.from_numpy(got["topk_logprobs"]).reshape(-1, k).index_select(0, flat)}
-        seed = self.recipe.train.seed
+        seed, loss = self.recipe.train.seed, self.recipe.loss
         batch = mlm_batch([self.corpus[int(i)] for i in idx], [(seed, epoch, int(i)) for i in idx], self.spec,
                           self.special)
         mask = batch["attention_mask"]
-        if self.recipe.loss.kd_positions == "masked":
+        if loss.kd_positions == "masked":
             batch["kd_positions"] = batch["mlm_positions"]
         else:
             batch["kd_positions"] = torch.nonzero(mask.reshape(-1), as_tuple=True)[0]
-        with torch.no_grad(), _teacher_precision(self.teacher_dtype):
-            dev = _device()
-            out = self.teacher(input_ids=batch["input_ids"].to(dev), attention_mask=mask.to(dev),
-                               output_hidden_states=self.recipe.loss.a_cos > 0)
-        logits = out.logits.float().cpu()
+        logits, hidden = self.teacher.mlm({"input_ids": batch["input_ids"], "attention_mask": mask},
+                                          hidden=loss.a_cos > 0)
         batch["teacher_logits"] = logits.reshape(-1, logits.shape[-1]).index_select(0, batch["kd_positions"])
-        if self.recipe.loss.a_cos > 0:
-            batch["teacher_hidden"] = out.hidden_states[-1].float().cpu()
+        if hidden is not None:
+            batch["teacher_hidden"] = hidden
         batch["weight"] = weight
         return batch
 
     def count(self, micro: list[dict[str, torch.Tensor]]) -> float:
-        if self.kind == "classification":
-            return float(sum(b["weight"].sum() for b in micro))
         return float(sum((b["weight"].repeat_interleave(b["attention_mask"].shape[1])
                           .index_select(0, b["kd_positions"]) > 0).sum() for b in micro))
 
-    def step_scalars(self, sums: dict[str, float], count: float) -> dict[str, float]:
-        out = {name: sums[name] / count for name in ("kd", "ce", "pkd", "mlm", "cos") if name in sums}
-        if "agree" in sums:
-            out["teacher_agreement"] = sums["agree"] / count
-        if sums.get("labeled"):
-            out["gold_acc"] = sums["correct"] / sums["labeled"]
-        if sums.get("masked"):
-            out["mlm_acc"] = sums["correct"] / sums["masked"]
-        return out
-
-    # -- evaluation and output
     def evaluate(self, trainer: Trainer) -> dict[str, float] | None:
-        if self.kind == "classification":
-            if self.eval_enc is None:
-                return None
-            from trainer.data.task_metrics import compute_metrics
-            from trainer.models.classify import predict
-
-            logits = predict(trainer.engine.module, self.eval_enc, trainer.env, self.recipe.data.eval_batch_size,
-                             self.pad_id)
-            return compute_metrics(self.task, logits.argmax(-1), self.eval_enc.labels)
         if self.eval_corpus is None:
             return None
         from trainer.models.mlm import evaluate_mlm
@@ -353,13 +376,16 @@ class Distill(Stage):
         return evaluate_mlm(trainer.engine, self.eval_corpus, spec, trainer.env, self.recipe.train.micro_batch,
                             self.recipe.data.eval_max_sequences, 1234)
 
-    def hf_tokenizer(self):
-        return hf_tokenizer(self.tokenizer, min(self.max_len, 512))
 
-    def export_info(self, trainer: Trainer, final_metrics: dict[str, float] | None) -> dict:
-        return {"stage": self.name, "step": trainer.state.step, "kind": self.kind, "temperature": self.t,
-                "metrics": final_metrics, "source": self.source,
-                "labels": getattr(getattr(self, "task", None), "labels", None)}
+STAGES: dict[str, type[DistillStage]] = {"classification": ClassifierDistill, "mlm": MLMDistill}
+
+
+def distill_stage(recipe: DistillRecipe) -> DistillStage:
+    """The stage for the recipe's kind: the store's (opened and verified here), else MLM with data.corpus."""
+    data = recipe.data
+    store = SoftLabelStore(data.store, verify=data.verify) if data.store else None
+    kind = store.kind if store is not None else ("mlm" if data.corpus else "classification")
+    return STAGES[kind](recipe, store)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -367,4 +393,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    return run_stage(DistillRecipe, Distill, args.recipe, args.overrides)
+    return run_stage(DistillRecipe, distill_stage, args.recipe, args.overrides)

@@ -13,8 +13,6 @@ the manifest.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import sys
 import time
@@ -26,56 +24,30 @@ import torch
 
 from trainer.config import dump_yaml, load_config, to_dict
 from trainer.data.softlabels import MANIFEST, SoftLabelWriter, finalize, finished_parts, make_writer_id
+from trainer.data.softlabels.format import labeled_roles, position_roles
 from trainer.data.tokenization import load_tokenizer, special_ids, tokenizer_hash
 from trainer.data.transfer import transfer_examples, transfer_fingerprint
 from trainer.errors import UserError
-from trainer.fileio import sha256_file
 from trainer.jobarray import slurm_array_position
 from trainer.launcher import DistEnv, barrier, init_distributed, shutdown
 from trainer.loop import log0
-from trainer.recipes.label import LabelRecipe
+from trainer.models.teacher import Teacher, teacher_dir, teacher_fingerprint
+from trainer.recipes.label import LabelOutput, LabelRecipe
 from trainer.registry import add_recipe_arguments
 
 FINALIZE_CLAIM = ".finalize.claim"  # created by the one writer that auto-finalizes
 
 
-def teacher_fingerprint(model_dir: Path) -> dict[str, str]:
-    weights = model_dir / "model.safetensors"
-    config = json.loads((model_dir / "config.json").read_text())
-    config.pop("transformers_version", None)
-    return {"config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
-            "weights_sha256": sha256_file(weights), "path": str(model_dir)}
-
-
 # ---------------------------------------------------------------------------------------------- teacher
-class Teacher:
-    """Batched teacher inference returning what the store keeps."""
-
-    def __init__(self, model_dir: Path, kind: str, topk: int, device: torch.device,
-                 cls_layers: list[int] | None = None):
-        from transformers import BertForMaskedLM, BertForSequenceClassification
-
-        cls = BertForSequenceClassification if kind == "classification" else BertForMaskedLM
-        self.model = cls.from_pretrained(model_dir).to(device).eval()
-        self.kind, self.topk, self.device, self.cls_layers = kind, topk, device, cls_layers or []
-        self.num_classes = self.model.config.num_labels
-        self.vocab_size = self.model.config.vocab_size
-        self.hidden_size, self.depth = self.model.config.hidden_size, self.model.config.num_hidden_layers
-
-    @torch.no_grad()
-    def __call__(self, batch: dict[str, torch.Tensor]):
-        """classification: logits [B, C], or (logits, [CLS] states [B, L, H]) with cls_layers; mlm: top-k."""
-        inputs = {k: v.to(self.device) for k, v in batch.items()}
-        out = self.model(**inputs, output_hidden_states=bool(self.cls_layers))
-        logits = out.logits.float()
-        if self.kind == "classification" and self.cls_layers:
-            states = torch.stack([out.hidden_states[t][:, 0] for t in self.cls_layers], dim=1)
-            return logits.cpu().numpy(), states.float().cpu().numpy()
-        if self.kind == "classification":
-            return logits.cpu().numpy()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        values, ids = logprobs.topk(self.topk, dim=-1)
-        return ids.cpu().numpy(), values.cpu().numpy()
+def soft_labels(teacher: Teacher, batch: dict[str, torch.Tensor], output: LabelOutput) -> dict[str, np.ndarray]:
+    """The teacher's roles of the store (trainer/data/softlabels/format.py) for a padded batch, one row per example:
+    classification logits [B, C] (and [CLS] states [B, L, H] with output.cls_layers); mlm top-k ids and
+    log-probabilities [B, T, k]."""
+    if output.kind == "classification":
+        logits, cls = teacher.classify(batch, output.cls_layers or ())
+        return {"logits": logits.numpy()} | ({"cls": cls.numpy()} if cls is not None else {})
+    ids, logprobs = teacher.topk(batch, output.topk)
+    return {"topk_ids": ids.numpy(), "topk_logprobs": logprobs.numpy()}
 
 
 def _batch(seqs: list[np.ndarray], types: list[np.ndarray], pad: int) -> dict[str, torch.Tensor]:
@@ -103,30 +75,24 @@ def writer_examples(recipe: LabelRecipe, shard: int, num_shards: int, env: DistE
 
 
 def label(recipe: LabelRecipe, shard: int, num_shards: int, env: DistEnv, command: list[str]) -> int:
-    from trainer.models.zoo import resolve
-
-    model_dir = resolve(recipe.teacher)
-    if not isinstance(model_dir, Path) or not (model_dir / "model.safetensors").is_file():
-        raise UserError(f"{recipe.teacher}: teacher must be an exported model directory (config.json + "
-                        "model.safetensors)")
+    model_dir = teacher_dir(recipe.teacher, "teacher")
     out = Path(recipe.output.out_dir)
     o = recipe.output
     tok = load_tokenizer(model_dir)
     specials = special_ids(tok)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if o.cls_layers and o.kind != "classification":
         raise UserError("output.cls_layers: [CLS] states are kept for classification stores only")
-    teacher = Teacher(model_dir, o.kind, o.topk, device, o.cls_layers)
+    teacher = Teacher(model_dir, o.kind)
     if o.cls_layers and not (list(o.cls_layers) == sorted(set(o.cls_layers)) and
                              o.cls_layers[0] >= 1 and o.cls_layers[-1] <= teacher.depth):
         raise UserError(f"output.cls_layers: {o.cls_layers} must be increasing layers in 1..{teacher.depth} "
                         f"(the teacher {model_dir} has {teacher.depth})")
     writer_id = make_writer_id(shard, num_shards, env.rank, env.world_size)
-    writer = SoftLabelWriter(out, writer_id, o.kind, num_classes=teacher.num_classes if o.kind == "classification"
-                             else None, k=o.topk if o.kind == "mlm" else None,
-                             vocab_size=teacher.vocab_size if o.kind == "mlm" else None, part_examples=o.part_examples,
-                             cls_layers=o.cls_layers, hidden_size=teacher.hidden_size if o.cls_layers else None,
-                             teacher_layers=teacher.depth if o.cls_layers else None)
+    # every shape a store may need; the kind's settings (format.kind_settings) keep their own
+    writer = SoftLabelWriter(out, writer_id, o.kind, num_classes=teacher.num_classes, k=o.topk,
+                             vocab_size=teacher.vocab_size, part_examples=o.part_examples, cls_layers=o.cls_layers,
+                             hidden_size=teacher.hidden_size, teacher_layers=teacher.depth)
+    roles, positions = labeled_roles(writer.settings), position_roles(writer.settings)
     mine, total = writer_examples(recipe, shard, num_shards, env)
     todo = mine[writer.examples_done:]
     log0(env, f"labeling {total:,} transfer examples with {model_dir} ({o.kind}); job shard {shard}/{num_shards}, "
@@ -148,26 +114,15 @@ def label(recipe: LabelRecipe, shard: int, num_shards: int, env: DistEnv, comman
             seqs = [mask_one(s, np.random.default_rng([recipe.seed, int(eid)]), mask_spec, special)[0]
                     for s, (eid, _, _) in zip(seqs, window)]
         order = np.argsort([len(s) for s in seqs], kind="stable")
-        results: list = [None] * len(window)
+        results: list = [None] * len(window)  # per example: the teacher's roles, cut to its length (mlm)
         for b in range(0, len(order), o.batch_size):
             idx = order[b:b + o.batch_size]
-            out_b = teacher(_batch([seqs[i] for i in idx], [types[i] for i in idx], specials.pad))
+            out_b = soft_labels(teacher, _batch([seqs[i] for i in idx], [types[i] for i in idx], specials.pad), o)
             for j, i in enumerate(idx):
-                if o.kind == "classification" and o.cls_layers:
-                    results[i] = (out_b[0][j], out_b[1][j])
-                elif o.kind == "classification":
-                    results[i] = out_b[j]
-                else:
-                    n = len(seqs[i])
-                    results[i] = (out_b[0][j, :n], out_b[1][j, :n])
+                results[i] = {role: v[j, :len(seqs[i])] if role in positions else v[j] for role, v in out_b.items()}
         ids = np.asarray([eid for eid, _, _ in window], dtype=np.int64)
-        gold = np.asarray([g for _, _, g in window], dtype=np.int64)
-        if o.kind == "classification" and o.cls_layers:
-            writer.add_classification(ids, np.stack([r[0] for r in results]), gold, np.stack([r[1] for r in results]))
-        elif o.kind == "classification":
-            writer.add_classification(ids, np.stack(results), gold)
-        else:
-            writer.add_mlm(ids, seqs, [r[0] for r in results], [r[1] for r in results])
+        inputs = {"gold": np.asarray([g for _, _, g in window], dtype=np.int64), "tokens": seqs}
+        writer.add(ids, **{role: inputs[role] if role in inputs else [r[role] for r in results] for role in roles})
         if bar is not None:
             bar.update(len(window))
         if recipe.debug.step_sleep:
@@ -254,9 +209,7 @@ def main(args: argparse.Namespace) -> int:
     shard, num_shards = job_shard(args.shard_index, args.num_shards, os.environ)
     command = ["wellread", "label", args.recipe, *args.overrides]
     if args.finalize:
-        from trainer.models.zoo import resolve
-
-        model_dir = resolve(recipe.teacher)
+        model_dir = teacher_dir(recipe.teacher, "teacher")
         out = Path(recipe.output.out_dir)
         if (out / MANIFEST).is_file():
             print(f"{out}: already finalized", file=sys.stderr)

@@ -20,7 +20,8 @@ A store is a directory::
                         (teacher fingerprint, tokenizer hash, transfer-set fingerprint, command, config)
 
 Every .bin is one record of trainer/data/binfile.py (32-byte header, then the C-order array) with
-magic b"WRSOFT\\x00\\x01" and the store's VERSION. Roles, for a part of n examples and T positions::
+magic b"WRSOFT\\x00\\x01" and the store's VERSION. Roles, for a part of n examples and T positions (KIND_ROLES
+below is this table for the code: the writer, the part checks and the labeler go by it)::
 
     classification  ids            idx  [n]       example id: global index into the transfer set
                     gold           lab  [n]       gold label, -1 when unknown
@@ -46,6 +47,8 @@ examples and end with the same bytes.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -63,13 +66,45 @@ MAGIC = b"WRSOFT\x00\x01"  # unchanged since version 1, so a version-1 file gets
 RELABEL = "re-run `wellread label` into a new directory"
 MANIFEST = "manifest.json"
 ORDER_FILE = "order.bin"
-ROLES: dict[str, tuple[str, ...]] = {
-    "classification": ("ids", "gold", "logits"),
-    "mlm": ("ids", "offsets", "tokens", "topk_ids", "topk_logprobs"),
-}
 FP16 = np.dtype("<f2")
 FP16_MIN = float(np.finfo(np.float16).min)
 LOGPROB_TOL = 1e-2  # a stored log-probability above this is not a log-probability
+
+
+@dataclass(frozen=True)
+class Role:
+    """One file of a part (the table in the module docstring). `rows`: one per example, n + 1 (offsets) or one
+    per position; `dtype`: idx / lab / tok (narrowest integers, see above) or fp16; `columns`: of a 2-D role,
+    from the store's settings; `source`: who gives it to the writer (the labeler's `id`s and `input`s, the
+    `teacher`, or the `writer` itself); `when`: the setting that turns an optional role on."""
+
+    name: str
+    rows: Literal["example", "offset", "position"]
+    dtype: Literal["idx", "lab", "tok", "fp16"]
+    source: Literal["id", "input", "teacher", "writer"]
+    columns: Callable[[dict], int] | None = None
+    when: str | None = None
+
+
+#: every role of every kind, in file order (the order of a sidecar's "files")
+KIND_ROLES: dict[str, tuple[Role, ...]] = {
+    "classification": (
+        Role("ids", "example", "idx", "id"),
+        Role("gold", "example", "lab", "input"),  # -1 when unknown; the writer's default
+        Role("logits", "example", "fp16", "teacher", lambda s: s["num_classes"]),
+        Role("cls", "example", "fp16", "teacher", lambda s: len(s["cls_layers"]) * s["hidden_size"], "cls_layers"),
+    ),
+    "mlm": (
+        Role("ids", "example", "idx", "id"),
+        Role("offsets", "offset", "idx", "writer"),
+        Role("tokens", "position", "tok", "input"),  # the token ids the teacher saw
+        Role("topk_ids", "position", "tok", "teacher", lambda s: s["k"]),
+        Role("topk_logprobs", "position", "fp16", "teacher", lambda s: s["k"]),
+    ),
+}
+#: the roles every part of a kind has (optional ones left out)
+ROLES: dict[str, tuple[str, ...]] = {kind: tuple(r.name for r in roles if r.when is None)
+                                     for kind, roles in KIND_ROLES.items()}
 
 _WRITER_ID = re.compile(r"^[A-Za-z0-9]+(?:[-_][A-Za-z0-9]+)*$")
 _STEM = r"part-[A-Za-z0-9_-]+-\d{5,}"
@@ -107,18 +142,37 @@ def index_dtype(max_value: int) -> np.dtype:
     return narrowest_uint(max_value)
 
 
+def store_roles(settings: dict) -> tuple[Role, ...]:
+    """The roles of a part with these settings: the kind's, and the optional ones their setting turns on."""
+    return tuple(r for r in KIND_ROLES[settings["kind"]] if r.when is None or settings.get(r.when))
+
+
 def part_roles(settings: dict) -> tuple[str, ...]:
-    """The roles (files) of a part with these settings: the kind's, plus `cls` when [CLS] states are kept."""
-    return ROLES[settings["kind"]] + (("cls",) if settings.get("cls_layers") else ())
+    """The role (file) names of a part with these settings, in file order."""
+    return tuple(r.name for r in store_roles(settings))
+
+
+def labeled_roles(settings: dict) -> tuple[str, ...]:
+    """What a labeler hands the writer for each example (SoftLabelWriter.add): its inputs and the teacher's."""
+    return tuple(r.name for r in store_roles(settings) if r.source in ("input", "teacher"))
+
+
+def position_roles(settings: dict) -> tuple[str, ...]:
+    """The roles with one row per position (mlm: ragged per example, cut by the offsets)."""
+    return tuple(r.name for r in store_roles(settings) if r.rows == "position")
+
+
+def role_shapes(settings: dict, rows: dict[str, int | str]) -> dict[str, tuple]:
+    """Each role's shape, given its row counts by kind of row (`{"example": n, "offset": n + 1, "position": T}`;
+    numbers for a part, or names for the manifest's description)."""
+    return {r.name: (rows[r.rows],) + ((r.columns(settings),) if r.columns else ()) for r in store_roles(settings)}
 
 
 def role_dtypes(settings: dict) -> dict[str, str | None]:
     """The dtype of each role fixed by the store's settings; None where it depends on a file's values."""
-    if settings["kind"] == "classification":
-        cls = {"cls": FP16.str} if settings.get("cls_layers") else {}
-        return {"ids": None, "gold": gold_dtype(settings["num_classes"]).str, "logits": FP16.str, **cls}
-    tok = token_dtype(settings["vocab_size"]).str
-    return {"ids": None, "offsets": None, "tokens": tok, "topk_ids": tok, "topk_logprobs": FP16.str}
+    fixed = {"idx": lambda: None, "lab": lambda: gold_dtype(settings["num_classes"]).str,
+             "tok": lambda: token_dtype(settings["vocab_size"]).str, "fp16": lambda: FP16.str}
+    return {r.name: fixed[r.dtype]() for r in store_roles(settings)}
 
 
 def check_sidecar_version(info: dict, source: str | Path) -> None:
@@ -198,16 +252,12 @@ def open_part(directory: Path, entry: dict) -> dict[str, np.ndarray]:
                         f"{sorted(roles)}")
     arrays = {role: read_role(directory / entry["files"][role]["file"], entry["files"][role], name)
               for role in roles}
-    if kind == "classification":
-        expected = {"ids": (n,), "gold": (n,), "logits": (n, entry["num_classes"])}
-        if entry.get("cls_layers"):
-            expected["cls"] = (n, len(entry["cls_layers"]) * entry["hidden_size"])
-    else:
-        t, k = int(entry["positions"]), entry["k"]
-        expected = {"ids": (n,), "offsets": (n + 1,), "tokens": (t,), "topk_ids": (t, k), "topk_logprobs": (t, k)}
+    t = int(entry["positions"]) if "offsets" in arrays else None
+    if t is not None:
         off = arrays["offsets"]
         if int(off[0]) != 0 or int(off[-1]) != t:
             raise UserError(f"{directory}: shard {name}: offsets do not span its {t} positions")
+    expected = role_shapes(entry, {"example": n, "offset": n + 1, "position": t})
     for role, shape in expected.items():
         if arrays[role].shape != shape:
             raise UserError(f"{directory}: shard {name}: {role} has shape {list(arrays[role].shape)}, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +22,11 @@ from trainer.data.softlabels.format import (
     gold_dtype,
     index_dtype,
     kind_settings,
+    labeled_roles,
     open_part,
-    part_roles,
     part_stem,
+    position_roles,
+    store_roles,
     verify_files,
     write_role,
 )
@@ -122,6 +125,19 @@ class SoftLabelWriter:
     def examples_done(self) -> int:
         """Examples of this writer in finished parts: what a resumed labeler skips."""
         return sum(int(info["examples"]) for info in self.finished)
+
+    def add(self, example_ids: np.ndarray, **values: np.ndarray | Sequence[np.ndarray]) -> None:
+        """Add examples, the same call for every kind: `values` holds each of the store's labeled roles
+        (format.labeled_roles: classification gold, logits and, with cls_layers, cls; mlm tokens, topk_ids,
+        topk_logprobs), one array per example (along positions for mlm) or one array with a row per example."""
+        wanted = labeled_roles(self.settings)
+        if sorted(values) != sorted(wanted):
+            raise ValueError(f"this {self.kind} writer takes the roles {list(wanted)}, got {sorted(values)}")
+        if self.kind == "classification":
+            cls = _rows(values["cls"]) if "cls" in values else None
+            self.add_classification(example_ids, _rows(values["logits"]), values["gold"], cls)
+        else:
+            self.add_mlm(example_ids, values["tokens"], values["topk_ids"], values["topk_logprobs"])
 
     def add_classification(self, example_ids: np.ndarray, logits: np.ndarray, gold: np.ndarray | None = None,
                            cls: np.ndarray | None = None) -> None:
@@ -232,28 +248,27 @@ class SoftLabelWriter:
         if self._buffered == 0 or (self._buffered < self.part_examples and not final):
             return
         buf = {key: np.concatenate([c[key] for c in self._chunks]) for key in self._chunks[0]}
-        pos_off = np.concatenate([[0], np.cumsum(buf["lengths"])]) if self.kind == "mlm" else None
+        positions = position_roles(self.settings)  # mlm: cut by the offsets, the rest by example
+        pos_off = np.concatenate([[0], np.cumsum(buf["lengths"])]) if positions else None
         start = 0
         while self._buffered - start >= self.part_examples or (final and self._buffered > start):
             end = min(start + self.part_examples, self._buffered)
-            if self.kind == "classification":
-                arrays = {role: buf[role][start:end] for role in part_roles(self.settings)}
-                extra = {}
-            else:
-                a, b = int(pos_off[start]), int(pos_off[end])
-                offsets = pos_off[start:end + 1] - a
-                arrays = {"ids": buf["ids"][start:end], "offsets": offsets.astype(index_dtype(int(offsets[-1]))),
-                          **{role: buf[role][a:b] for role in ("tokens", "topk_ids", "topk_logprobs")}}
-                extra = {"positions": b - a}
+            a, b = (int(pos_off[start]), int(pos_off[end])) if positions else (0, 0)
+            arrays, extra = {}, {}
+            for role in store_roles(self.settings):
+                if role.rows == "example":
+                    arrays[role.name] = buf[role.name][start:end]
+                elif role.rows == "position":
+                    arrays[role.name] = buf[role.name][a:b]
+                else:  # the offsets
+                    offsets = pos_off[start:end + 1] - a
+                    arrays[role.name] = offsets.astype(index_dtype(int(offsets[-1])))
+                    extra = {"positions": b - a}
             arrays["ids"] = arrays["ids"].astype(index_dtype(int(arrays["ids"].max())))
             self._write_part(arrays, extra)
             start = end
-        if self.kind == "mlm":
-            a = int(pos_off[start])
-            self._chunks = [{"ids": buf["ids"][start:].copy(), "lengths": buf["lengths"][start:].copy(),
-                             **{role: buf[role][a:].copy() for role in ("tokens", "topk_ids", "topk_logprobs")}}]
-        else:
-            self._chunks = [{key: value[start:].copy() for key, value in buf.items()}]
+        a = int(pos_off[start]) if positions else 0
+        self._chunks = [{key: (value[a:] if key in positions else value[start:]).copy() for key, value in buf.items()}]
         self._buffered -= start
         if self._buffered == 0:
             self._chunks = []
@@ -268,3 +283,8 @@ class SoftLabelWriter:
                 "files": files}
         atomic_write_json(self.directory / f"{stem}.json", info)  # last: marks the part finished
         self.finished.append(info)
+
+
+def _rows(values: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+    """One array with a row per example (the given array, or the per-example arrays stacked)."""
+    return values if isinstance(values, np.ndarray) else np.stack(values)
