@@ -72,9 +72,7 @@ def source_for(cfg: LaunchConfig) -> ASTSource:
     signature = signature_of(cfg.kernel, cfg.dtype)
     missing = set(fn.arg_names) ^ set(signature)
     if missing:
-        raise ValueError(
-            f"{cfg.kernel}: AOT signature out of sync with the kernel arguments: {sorted(missing)}"
-        )
+        raise ValueError(f"{cfg.kernel}: AOT signature out of sync with the kernel arguments: {sorted(missing)}")
     aligned = [["tt.divisibility", 16]]
     attrs = {(i,): aligned for i, name in enumerate(fn.arg_names) if signature[name].startswith("*")}
     return ASTSource(fn=fn, signature=signature, constexprs=cfg.constants, attrs=attrs)
@@ -122,9 +120,7 @@ def compile_config(cfg: LaunchConfig, arch: int) -> CompiledVariant:
     )
 
 
-def compile_all(
-    archs: Iterable[int] = ARCHS, configs: Iterable[LaunchConfig] | None = None
-) -> list[CompiledVariant]:
+def compile_all(archs: Iterable[int] = ARCHS, configs: Iterable[LaunchConfig] | None = None) -> list[CompiledVariant]:
     """Every configuration x every architecture (what the dispatch can launch on an A100/H100)."""
     chosen = list(configs) if configs is not None else all_configs()
     return [compile_config(cfg, arch) for arch in archs for cfg in chosen]

@@ -61,9 +61,7 @@ class Options:
 _options = Options()
 
 
-def configure(
-    use_triton: bool = True, compile_reference: bool = False, chunk_rows: int | None = None
-) -> None:
+def configure(use_triton: bool = True, compile_reference: bool = False, chunk_rows: int | None = None) -> None:
     """Set the dispatch switches (call once at start-up, before the first step)."""
     global _options
     if chunk_rows is not None and chunk_rows < 1:

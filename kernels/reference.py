@@ -350,11 +350,7 @@ def linear_kl_div(
     ``teacher`` is either dense teacher logits ``[N, V]`` or ``(topk_ids, topk_logprobs)``.
     """
     n_rows = hidden.reshape(-1, hidden.shape[-1]).shape[0]
-    valid = (
-        torch.ones(n_rows, dtype=torch.bool, device=hidden.device)
-        if mask is None
-        else mask.reshape(-1).bool()
-    )
+    valid = torch.ones(n_rows, dtype=torch.bool, device=hidden.device) if mask is None else mask.reshape(-1).bool()
     scale = row_scale_for(valid, reduction)
     if isinstance(teacher, tuple):
         ids, logprobs = teacher

@@ -85,9 +85,7 @@ class BiasGeluFunction(torch.autograd.Function):
         n = x.numel()
         if n:
             grid = (triton.cdiv(n, ctx.bwd.constants["BLOCK"]),)
-            bias_gelu_bwd_kernel[grid](
-                x, b32, dy, dx, n, b32.numel(), **ctx.bwd.constants, **ctx.bwd.launch_options
-            )
+            bias_gelu_bwd_kernel[grid](x, b32, dy, dx, n, b32.numel(), **ctx.bwd.constants, **ctx.bwd.launch_options)
         dbias = dx.reshape(-1, b32.numel()).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         return dx, dbias, None, None
 

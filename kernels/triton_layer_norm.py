@@ -202,8 +202,6 @@ class LayerNormFunction(torch.autograd.Function):
         return dx.view(ctx.shape), dw_part.sum(0).to(w_dtype), db_part.sum(0).to(b_dtype), None, None, None
 
 
-def layer_norm(
-    x: Tensor, weight: Tensor, bias: Tensor, eps: float, fwd: LaunchConfig, bwd: LaunchConfig
-) -> Tensor:
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, fwd: LaunchConfig, bwd: LaunchConfig) -> Tensor:
     """LayerNorm over the last dim with the given (dispatch-chosen) launch configs."""
     return LayerNormFunction.apply(x, weight, bias, eps, fwd, bwd)

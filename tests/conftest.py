@@ -38,8 +38,9 @@ NEEDS = ("realdata", "slurm")  # markers whose skip is a failure under CI=true (
 NO_CUDA = "no CUDA GPU (run by tools/gpu/check.sh on a GPU machine)"
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600,
-            check: bool = False) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600, check: bool = False
+) -> subprocess.CompletedProcess:
     """Run `python -m trainer.cli ...` or a tools/ script in a subprocess (real exit codes and output)."""
     cmd = [sys.executable, *args] if args[0].endswith(".py") else [sys.executable, "-m", "trainer.cli", *args]
     full_env = {**os.environ, **(env or {})}
@@ -142,4 +143,4 @@ def read_book(path: Path) -> str:
     lines = text.splitlines(keepends=True)
     start = next(i for i, line in enumerate(lines) if line.startswith("*** START OF"))
     end = next(i for i, line in enumerate(lines) if line.startswith("*** END OF"))
-    return "".join(lines[start + 1:end])
+    return "".join(lines[start + 1 : end])

@@ -26,29 +26,53 @@ def wellread_cmd(nproc: int, *args: str) -> list[str]:
         return [sys.executable, *args]
     if nproc == 1:
         return [sys.executable, "-m", "trainer.cli", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "trainer.cli", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "trainer.cli",
+        *args,
+    ]
 
 
 def env_for(nproc: int) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
-            "GLOO_SOCKET_IFNAME": "lo", "PYTHONUNBUFFERED": "1"}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
+        "GLOO_SOCKET_IFNAME": "lo",
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def run(nproc: int, *args: str, timeout: float = 600, expect: int | None = 0) -> subprocess.CompletedProcess:
-    proc = subprocess.run(wellread_cmd(nproc, *args), cwd=ROOT, env=env_for(nproc), capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        wellread_cmd(nproc, *args), cwd=ROOT, env=env_for(nproc), capture_output=True, text=True, timeout=timeout
+    )
     if expect is not None and proc.returncode != expect:
-        raise AssertionError(f"exit {proc.returncode} (expected {expect}) for {args}\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"exit {proc.returncode} (expected {expect}) for {args}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
 def start(nproc: int, *args: str, log: Path) -> subprocess.Popen:
     """Start in its own process group so a kill takes every rank at once (like losing the node)."""
     f = open(log, "w")
-    return subprocess.Popen(wellread_cmd(nproc, *args), cwd=ROOT, env=env_for(nproc), stdout=f,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        wellread_cmd(nproc, *args),
+        cwd=ROOT,
+        env=env_for(nproc),
+        stdout=f,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> int:
@@ -66,8 +90,10 @@ def wait_for(predicate, timeout: float = 300, proc: subprocess.Popen | None = No
     deadline = time.time() + timeout
     while not predicate():
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"process ended ({proc.returncode}) before the condition held:\n"
-                                 + (log.read_text()[-4000:] if log else ""))
+            raise AssertionError(
+                f"process ended ({proc.returncode}) before the condition held:\n"
+                + (log.read_text()[-4000:] if log else "")
+            )
         if time.time() > deadline:
             raise AssertionError("timed out waiting")
         time.sleep(0.02)

@@ -42,9 +42,7 @@ if ON_CUDA and INTERPRETED:
 if ON_CUDA and not torch.cuda.is_available():
     pytest.skip("WELLREAD_KERNEL_DEVICE=cuda but no CUDA GPU is available", allow_module_level=True)
 if not ON_CUDA and not INTERPRETED:
-    pytest.skip(
-        "needs TRITON_INTERPRET=1 before import; run by tests/test_kernels_triton.py", allow_module_level=True
-    )
+    pytest.skip("needs TRITON_INTERPRET=1 before import; run by tests/test_kernels_triton.py", allow_module_level=True)
 
 from kernels import (  # noqa: E402  (imported after the skip: interpreted or compiled is fixed at import)
     dispatch,
@@ -68,9 +66,7 @@ TOL = {
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
     rtol, atol = TOL[dtype]
     scale = max(expected.detach().float().abs().max().item(), 1e-30)
-    torch.testing.assert_close(
-        actual.detach().float(), expected.detach().float(), rtol=rtol, atol=atol * scale
-    )
+    torch.testing.assert_close(actual.detach().float(), expected.detach().float(), rtol=rtol, atol=atol * scale)
 
 
 def assert_as_accurate_as_torch(actual: torch.Tensor, oracle: torch.Tensor, torch_fp32: torch.Tensor) -> None:

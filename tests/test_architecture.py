@@ -17,12 +17,34 @@ ROOT = Path(__file__).resolve().parents[1]
 #: low -> high; a module may import its own floor and the floors below it
 FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("kernels", ("kernels",)),
-    ("foundation", ("trainer", "trainer.errors", "trainer.fileio", "trainer.config", "trainer.launcher",
-                    "trainer.preemption", "trainer.assets", "trainer.jobarray", "trainer.registry")),
+    (
+        "foundation",
+        (
+            "trainer",
+            "trainer.errors",
+            "trainer.fileio",
+            "trainer.config",
+            "trainer.launcher",
+            "trainer.preemption",
+            "trainer.assets",
+            "trainer.jobarray",
+            "trainer.registry",
+        ),
+    ),
     ("data", ("trainer.data",)),
     ("models", ("trainer.models",)),
-    ("run", ("trainer.recipes", "trainer.engine", "trainer.checkpoint", "trainer.runlog", "trainer.memory",
-             "trainer.loop", "trainer.preflight")),
+    (
+        "run",
+        (
+            "trainer.recipes",
+            "trainer.engine",
+            "trainer.checkpoint",
+            "trainer.runlog",
+            "trainer.memory",
+            "trainer.loop",
+            "trainer.preflight",
+        ),
+    ),
     ("pipeline", ("trainer.pipeline",)),
     ("slurm", ("trainer.slurm",)),
     ("commands", ("trainer.stages", "trainer.slurm.task", "trainer.slurm.__main__", "trainer.cli")),
@@ -112,15 +134,24 @@ def test_no_import_circle():
 
 def test_no_import_from_a_lower_floor_to_a_higher_one():
     graph = import_graph()
-    up = [f"{a} ({FLOORS[floor(a)][0]}) -> {b} ({FLOORS[floor(b)][0]})" for a, targets in sorted(graph.items())
-          for b in sorted(targets) if floor(b) > floor(a) and a not in COMMAND_TABLE]
+    up = [
+        f"{a} ({FLOORS[floor(a)][0]}) -> {b} ({FLOORS[floor(b)][0]})"
+        for a, targets in sorted(graph.items())
+        for b in sorted(targets)
+        if floor(b) > floor(a) and a not in COMMAND_TABLE
+    ]
     assert up == []
 
 
 def test_kernels_is_a_leaf():
     graph = import_graph()
-    assert not [(a, b) for a, targets in graph.items() if a.startswith("kernels") for b in targets
-                if not b.startswith("kernels")]
+    assert not [
+        (a, b)
+        for a, targets in graph.items()
+        if a.startswith("kernels")
+        for b in targets
+        if not b.startswith("kernels")
+    ]
 
 
 def test_the_checks_can_fail():
@@ -150,9 +181,11 @@ def test_recipe_classes_import_without_torch():
     import subprocess
     import sys
 
-    code = ("import sys; from trainer import registry; "
-            "[registry.recipe_class(n) for n in registry.RECIPE_STAGES + ('pipeline',)]; "
-            "print(sorted(m for m in ('torch', 'transformers', 'deepspeed') if m in sys.modules))")
+    code = (
+        "import sys; from trainer import registry; "
+        "[registry.recipe_class(n) for n in registry.RECIPE_STAGES + ('pipeline',)]; "
+        "print(sorted(m for m in ('torch', 'transformers', 'deepspeed') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

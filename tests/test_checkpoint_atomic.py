@@ -25,11 +25,16 @@ def recipe(tmp_path_factory) -> Path:
     from trainer.data.text_sources import SourceSpec
 
     root = tmp_path_factory.mktemp("atomic")
-    preprocess(SourceSpec(files=DEMO_BOOKS[:1], strip_gutenberg=True), root / "corpus", None,
-               PackOptions(seq_len=32), progress=False)
+    preprocess(
+        SourceSpec(files=DEMO_BOOKS[:1], strip_gutenberg=True),
+        root / "corpus",
+        None,
+        PackOptions(seq_len=32),
+        progress=False,
+    )
     path = root / "r.yaml"
     path.write_text(f"""
-data: {{train: {root / 'corpus'}, verify: size}}
+data: {{train: {root / "corpus"}, verify: size}}
 model: {{name: bert-L2-H128, dropout: 0.0}}
 train: {{steps: 6, micro_batch: 8, global_batch: 8, lr: 1.0e-3, warmup_steps: 1, seed: 3}}
 engine: {{ds_config: zero0}}

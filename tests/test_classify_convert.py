@@ -41,8 +41,14 @@ def fake_pretraining_checkpoint(root: Path) -> tuple[Path, Path, int]:
     """A ZeRO-0 checkpoint laid out as trainer.checkpoint.save writes it (tiny BertForMaskedLM)."""
     from transformers import BertConfig, BertForMaskedLM
 
-    cfg = BertConfig(vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)
+    cfg = BertConfig(
+        vocab_size=512,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     mlm = BertForMaskedLM(cfg)
     step = root / "checkpoints" / "step-0000002"
@@ -62,9 +68,22 @@ def launch(nproc: int, step: Path, ref: Path, vocab: int, tmp: Path) -> subproce
     if nproc > 1:
         script = tmp / "load.py"
         script.write_text(SCRIPT)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-               "127.0.0.1", "--master_port", str(free_port()), str(script), str(step), str(ref), str(vocab),
-               str(reports)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            str(script),
+            str(step),
+            str(ref),
+            str(vocab),
+            str(reports),
+        ]
     scratch = tmp / "tmpdir"
     scratch.mkdir(exist_ok=True)
     env = {**env_for(nproc), "TMPDIR": str(scratch), "PYTHONPATH": str(ROOT)}

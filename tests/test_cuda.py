@@ -375,8 +375,9 @@ def tiny_corpus(tmp_path_factory) -> Path:
     from trainer.data.text_sources import SourceSpec
 
     out = tmp_path_factory.mktemp("cuda-corpus") / "books"
-    preprocess(SourceSpec(files=DEMO_BOOKS[:1], strip_gutenberg=True), out, None, PackOptions(seq_len=64),
-               progress=False)
+    preprocess(
+        SourceSpec(files=DEMO_BOOKS[:1], strip_gutenberg=True), out, None, PackOptions(seq_len=64), progress=False
+    )
     return out
 
 
@@ -413,8 +414,14 @@ engine: {{ds_config: zero2}}
 run: {{log_every: 1, ckpt_every: 0, tensorboard: false}}
 """)
     out = tmp_path / "run"
-    proc = run_cli("pretrain", str(recipe), f"engine.ds_config={ds_config}", f"run.out_dir={out}",
-                   env={"WELLREAD_CACHE": str(tmp_path / "cache")}, timeout=600)
+    proc = run_cli(
+        "pretrain",
+        str(recipe),
+        f"engine.ds_config={ds_config}",
+        f"run.out_dir={out}",
+        env={"WELLREAD_CACHE": str(tmp_path / "cache")},
+        timeout=600,
+    )
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     assert f"ZeRO stage {stage}," in proc.stderr, proc.stderr[-3000:]
     train = {r["step"]: r for r in _records(out) if "train/loss" in r}

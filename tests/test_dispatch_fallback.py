@@ -44,8 +44,9 @@ def _run(tmp_path: Path, device: str, interpret: bool) -> dict:
     env["PYTHONPATH"] = os.pathsep.join([str(fake), str(ROOT)])
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, device], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, device], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 

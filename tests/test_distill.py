@@ -108,8 +108,11 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, reference):
     out = tmp_path / "killed"
     args = ("distill", str(reference["recipe"]), f"run.out_dir={out}", "debug.step_sleep=1.0")
     proc = start(2, *args, log=tmp_path / "k.log")
-    wait_for(lambda: (out / "checkpoints" / "latest.json").is_file() and max_step(out) >= 4, proc=proc,
-             log=tmp_path / "k.log")
+    wait_for(
+        lambda: (out / "checkpoints" / "latest.json").is_file() and max_step(out) >= 4,
+        proc=proc,
+        log=tmp_path / "k.log",
+    )
     kill_group(proc)
     resumed = distill(2, reference["recipe"], out)
     assert "resumed from" in resumed.stderr
@@ -132,8 +135,7 @@ def test_the_run_records_the_store_it_learned_from(reference, store, teachers):
 
 def test_a_store_for_another_transfer_set_or_teacher_is_refused(tmp_path, store, teachers):
     recipe = distill_recipe(tmp_path / "r.yaml", store)
-    other_transfer = (f"data.transfer={{task: sst2, task_split: train, max_examples: 100, "
-                      f"data_root: {FIXTURE_DATA}}}")
+    other_transfer = f"data.transfer={{task: sst2, task_split: train, max_examples: 100, data_root: {FIXTURE_DATA}}}"
     proc = distill(1, recipe, tmp_path / "o1", other_transfer, expect=2)
     assert "other transfer data" in proc.stderr and len(proc.stderr.strip().splitlines()[-1]) < 400
     proc = distill(1, recipe, tmp_path / "o2", f"teacher.model={teachers['b']}", expect=2)
@@ -148,8 +150,9 @@ def test_a_store_made_with_another_tokenizer_is_refused(tmp_path, store):
 
     student = tmp_path / "student"
     student.mkdir()
-    tok = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4, "a": 5},
-                                     unk_token="[UNK]"))
+    tok = Tokenizer(
+        models.WordLevel({"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4, "a": 5}, unk_token="[UNK]")
+    )
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(student / "tokenizer.json"))
     from transformers import BertForSequenceClassification
@@ -174,8 +177,16 @@ def test_pd_starts_from_the_pretrained_student(tmp_path, store):
     torch.manual_seed(5)
     _save_teacher(BertForMaskedLM(bert_config("bert-L2-H128")), pretrained)
     out = tmp_path / "pd"
-    distill(1, distill_recipe(tmp_path / "r.yaml", store), out, f"model.name={pretrained}", "train.lr=0",
-            "train.epochs=null", "train.steps=2", "data.eval_task=null")
+    distill(
+        1,
+        distill_recipe(tmp_path / "r.yaml", store),
+        out,
+        f"model.name={pretrained}",
+        "train.lr=0",
+        "train.epochs=null",
+        "train.steps=2",
+        "data.eval_task=null",
+    )
     before, after = load_file(pretrained / "model.safetensors"), load_file(out / "export" / "model.safetensors")
     encoder = [k for k in after if k.startswith("bert.encoder.") or k.startswith("bert.embeddings.")]
     assert len(encoder) > 20
@@ -187,8 +198,17 @@ def test_pd_starts_from_the_pretrained_student(tmp_path, store):
 def test_patient_kd_with_an_online_teacher(tmp_path, store, teachers):
     """PKD-Skip from a 2-layer teacher to a 2-layer student maps student layer 1 to teacher layer 1."""
     out = tmp_path / "pkd"
-    distill(1, distill_recipe(tmp_path / "r.yaml", store), out, f"teacher.model={teachers['a']}", "loss.beta=10",
-            "loss.alpha=0.7", "train.epochs=null", "train.steps=3", "data.eval_task=null")
+    distill(
+        1,
+        distill_recipe(tmp_path / "r.yaml", store),
+        out,
+        f"teacher.model={teachers['a']}",
+        "loss.beta=10",
+        "loss.alpha=0.7",
+        "train.epochs=null",
+        "train.steps=3",
+        "data.eval_task=null",
+    )
     pkd = metrics(out, "train/pkd")
     assert len(pkd) == 3 and all(v > 0 for v in pkd.values())
     source = json.loads((out / "distill-source.json").read_text())
@@ -237,13 +257,18 @@ def mlm_setup(tmp_path_factory) -> dict[str, Path]:
     torch.manual_seed(4)
     teacher = _save_teacher(BertForMaskedLM(bert_config("bert-L2-H128")), root / "teacher")
     run(1, "init-student", "--teacher", str(teacher), "--layers", "0", "--out", str(root / "student"))
-    preprocess(SourceSpec(files=DEMO_BOOKS[:1], strip_gutenberg=True), root / "corpus", None,
-               PackOptions(seq_len=32), progress=False)
+    preprocess(
+        SourceSpec(files=DEMO_BOOKS[:1], strip_gutenberg=True),
+        root / "corpus",
+        None,
+        PackOptions(seq_len=32),
+        progress=False,
+    )
     recipe = root / "distilbert.yaml"
     recipe.write_text(f"""
-data: {{corpus: {root / 'corpus'}, eval_corpus: {root / 'corpus'}, eval_max_sequences: 32, verify: size}}
+data: {{corpus: {root / "corpus"}, eval_corpus: {root / "corpus"}, eval_max_sequences: 32, verify: size}}
 teacher: {{model: {teacher}}}
-model: {{name: {root / 'student'}, dropout: 0.0}}
+model: {{name: {root / "student"}, dropout: 0.0}}
 train: {{epochs: null, steps: 3, micro_batch: 8, global_batch: 16, lr: 1.0e-3, warmup_steps: 1, seed: 5}}
 engine: {{ds_config: zero2}}
 run: {{log_every: 1, tensorboard: false}}
@@ -270,23 +295,42 @@ def test_distilbert_offline_from_a_topk_store(mlm_setup, tmp_path):
 
     label = tmp_path / "label.yaml"
     label.write_text(f"""
-teacher: {mlm_setup['teacher']}
+teacher: {mlm_setup["teacher"]}
 transfer: {{files: [{DEMO_BOOKS[0]}], doc_mode: line, min_chars: 40, max_examples: 64}}
-output: {{out_dir: {tmp_path / 'store'}, kind: mlm, topk: 8, mask_prob: 0.15, max_seq_len: 32, batch_size: 32}}
+output: {{out_dir: {tmp_path / "store"}, kind: mlm, topk: 8, mask_prob: 0.15, max_seq_len: 32, batch_size: 32}}
 """)
     run(1, "label", str(label))
     out = tmp_path / "offline"
-    proc = run(1, "distill", str(mlm_setup["recipe"]), f"run.out_dir={out}", f"data.store={tmp_path / 'store'}",
-               "data.corpus=null", "teacher.model=null", "loss.a_mlm=0", "loss.a_cos=0", expect=None)
+    proc = run(
+        1,
+        "distill",
+        str(mlm_setup["recipe"]),
+        f"run.out_dir={out}",
+        f"data.store={tmp_path / 'store'}",
+        "data.corpus=null",
+        "teacher.model=null",
+        "loss.a_mlm=0",
+        "loss.a_cos=0",
+        expect=None,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     kd = metrics(out, "train/kd")
     assert sorted(kd) == [1, 2, 3] and all(math.isfinite(v) and v > 0 for v in kd.values())
-    refused = run(1, "distill", str(mlm_setup["recipe"]), f"run.out_dir={tmp_path / 'x'}",
-                  f"data.store={tmp_path / 'store'}", "data.corpus=null", "teacher.model=null", expect=2)
+    refused = run(
+        1,
+        "distill",
+        str(mlm_setup["recipe"]),
+        f"run.out_dir={tmp_path / 'x'}",
+        f"data.store={tmp_path / 'store'}",
+        "data.corpus=null",
+        "teacher.model=null",
+        expect=2,
+    )
     assert "MLM and cosine terms need data.corpus" in refused.stderr
 
 
 def test_cosine_term_refuses_a_width_mismatch_without_projection(mlm_setup, tmp_path):
-    proc = run(1, "distill", str(mlm_setup["recipe"]), f"run.out_dir={tmp_path / 'w'}", "model.name=bert-L2-H256",
-               expect=2)
+    proc = run(
+        1, "distill", str(mlm_setup["recipe"]), f"run.out_dir={tmp_path / 'w'}", "model.name=bert-L2-H256", expect=2
+    )
     assert "loss.projection=true" in proc.stderr

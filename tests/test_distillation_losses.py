@@ -172,8 +172,10 @@ def test_linear_kd_equals_kd_on_materialised_logits():
     teacher = torch.randn(10, 40, generator=g) * 2
     mask = torch.tensor([1, 1, 1, 0, 1, 1, 0, 1, 1, 1], dtype=torch.bool)
     ids, lp = topk_teacher(teacher, 8)
-    for target, dense_fn in ((teacher, lambda z: kd_loss_sum(z, teacher, 2.0, mask)),
-                             ((ids, lp), lambda z: sparse_kd_loss_sum(z, ids, lp, 2.0, mask))):
+    for target, dense_fn in (
+        (teacher, lambda z: kd_loss_sum(z, teacher, 2.0, mask)),
+        ((ids, lp), lambda z: sparse_kd_loss_sum(z, ids, lp, 2.0, mask)),
+    ):
         got = linear_kd_loss_sum(hidden, weight, bias, target, 2.0, mask)
         grads = torch.autograd.grad(got, (hidden, weight, bias))
         want = dense_fn(F.linear(hidden, weight, bias))
@@ -267,12 +269,15 @@ def test_pkd_rejects_mismatched_lists():
 # ----------------------------------------------------------------------- layer maps ----------
 
 
-@pytest.mark.parametrize(("teacher", "student", "skip", "last"), [
-    (12, 6, [2, 4, 6, 8, 10], [7, 8, 9, 10, 11]),  # the PKD paper's maps
-    (12, 3, [4, 8], [10, 11]),
-    (24, 6, [4, 8, 12, 16, 20], [19, 20, 21, 22, 23]),
-    (6, 2, [3], [5]),
-])
+@pytest.mark.parametrize(
+    ("teacher", "student", "skip", "last"),
+    [
+        (12, 6, [2, 4, 6, 8, 10], [7, 8, 9, 10, 11]),  # the PKD paper's maps
+        (12, 3, [4, 8], [10, 11]),
+        (24, 6, [4, 8, 12, 16, 20], [19, 20, 21, 22, 23]),
+        (6, 2, [3], [5]),
+    ],
+)
 def test_pkd_layer_maps(teacher, student, skip, last):
     assert pkd_layer_map(teacher, student, "skip") == list(zip(range(1, student), skip, strict=True))
     assert pkd_layer_map(teacher, student, "last") == list(zip(range(1, student), last, strict=True))
@@ -288,15 +293,18 @@ def test_pkd_layer_map_errors():
         pkd_layer_map(12, 6, "first")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("teacher", "student", "expected"), [
-    (12, 6, [0, 2, 4, 7, 9, 11]),  # DistilBERT's extraction script
-    (24, 6, [0, 5, 9, 14, 18, 23]),  # i * 23/5 = 0, 4.6, 9.2, 13.8, 18.4, 23
-    (12, 3, [0, 6, 11]),  # 5.5 rounds up
-    (6, 3, [0, 3, 5]),
-    (6, 2, [0, 5]),
-    (6, 6, [0, 1, 2, 3, 4, 5]),
-    (12, 1, [0]),
-])
+@pytest.mark.parametrize(
+    ("teacher", "student", "expected"),
+    [
+        (12, 6, [0, 2, 4, 7, 9, 11]),  # DistilBERT's extraction script
+        (24, 6, [0, 5, 9, 14, 18, 23]),  # i * 23/5 = 0, 4.6, 9.2, 13.8, 18.4, 23
+        (12, 3, [0, 6, 11]),  # 5.5 rounds up
+        (6, 3, [0, 3, 5]),
+        (6, 2, [0, 5]),
+        (6, 6, [0, 1, 2, 3, 4, 5]),
+        (12, 1, [0]),
+    ],
+)
 def test_distilbert_layers(teacher, student, expected):
     assert distilbert_layers(teacher, student) == expected
 
@@ -392,17 +400,21 @@ def test_init_student_copies_an_existing_mlm_head(minilm_student, tmp_path):
     # a second run replaces the directory (published atomically): the new layers, no leftover version or temp
     assert cli_main(["init-student", "--teacher", str(teacher_dir), "--layers", "1", "--out", str(out)]) == 0
     assert json.loads((out / "wellread.json").read_text())["teacher_layers"] == [1]
-    assert bitwise_equal(tensors(out)["bert.encoder.layer.0.output.dense.bias"],
-                         teacher["bert.encoder.layer.1.output.dense.bias"])
+    assert bitwise_equal(
+        tensors(out)["bert.encoder.layer.0.output.dense.bias"], teacher["bert.encoder.layer.1.output.dense.bias"]
+    )
     assert [p.name for p in tmp_path.iterdir() if p.name != "s2"] == [out.resolve().name]
 
 
-@pytest.mark.parametrize(("layers", "message"), [
-    ("0,6", "layer 6 is out of range; the teacher has layers 0..5"),
-    ("1,1", "appears twice"),
-    ("3,1", "must be increasing"),
-    ("0,x", "comma-separated integers"),
-])
+@pytest.mark.parametrize(
+    ("layers", "message"),
+    [
+        ("0,6", "layer 6 is out of range; the teacher has layers 0..5"),
+        ("1,1", "appears twice"),
+        ("3,1", "must be increasing"),
+        ("0,x", "comma-separated integers"),
+    ],
+)
 def test_init_student_refuses_bad_layers(tmp_path, capsys, layers, message):
     out = tmp_path / "bad"
     assert cli_main(["init-student", "--teacher", "minilm", "--layers", layers, "--out", str(out)]) == 2
@@ -450,6 +462,12 @@ def test_loss_terms_through_the_triton_kernels_match_the_reference():
     if (why := triton_unavailable()) is not None:
         pytest.skip(why)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", TRITON_ROUTE], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.run(
+        [sys.executable, "-c", TRITON_ROUTE],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]

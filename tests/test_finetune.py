@@ -117,15 +117,16 @@ def test_finetune_starts_from_a_pretraining_checkpoint(tmp_path):
     from trainer.models.checkpoints import to_hf_dir
 
     corpus = tmp_path / "corpus"
-    preprocess(SourceSpec(files=DEMO_BOOKS[:2], strip_gutenberg=True), corpus, None, PackOptions(seq_len=64),
-               progress=False)
+    preprocess(
+        SourceSpec(files=DEMO_BOOKS[:2], strip_gutenberg=True), corpus, None, PackOptions(seq_len=64), progress=False
+    )
     recipe = tmp_path / "pt.yaml"
     recipe.write_text(f"""
 data: {{train: {corpus}, verify: size}}
 model: {{name: bert-L2-H128}}
 train: {{steps: 3, micro_batch: 4, global_batch: 8, lr: 1.0e-3}}
 engine: {{ds_config: zero3}}
-run: {{out_dir: {tmp_path / 'pt'}, log_every: 1}}
+run: {{out_dir: {tmp_path / "pt"}, log_every: 1}}
 """)
     run(2, "pretrain", str(recipe))
     step_dir = tmp_path / "pt" / "checkpoints" / "step-0000003"
@@ -136,10 +137,10 @@ run: {{out_dir: {tmp_path / 'pt'}, log_every: 1}}
     ft = tmp_path / "ft.yaml"
     ft.write_text(f"""
 data: {{task: rte, data_root: {FIXTURE_DATA}}}
-model: {{name: {tmp_path / 'pt' / 'checkpoints'}}}
+model: {{name: {tmp_path / "pt" / "checkpoints"}}}
 train: {{steps: 2, micro_batch: 8, global_batch: 8}}
 engine: {{ds_config: zero0}}
-run: {{out_dir: {tmp_path / 'ft'}}}
+run: {{out_dir: {tmp_path / "ft"}}}
 """)
     run(1, "finetune", str(ft))
     from transformers import AutoModelForSequenceClassification

@@ -26,9 +26,14 @@ import report as gpu_report  # noqa: E402
 
 def run_check(*args: str, tmp: Path, env: dict | None = None, timeout: float = 900) -> tuple[int, dict, str]:
     out = tmp / "out"
-    proc = subprocess.run([str(CHECK), "--dry-run", "--out", str(out), "--work", str(tmp / "work"), *args],
-                          cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [str(CHECK), "--dry-run", "--out", str(out), "--work", str(tmp / "work"), *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     summary = json.loads((out / "gpu-check.json").read_text()) if (out / "gpu-check.json").is_file() else {}
     return proc.returncode, summary, proc.stdout + proc.stderr
 
@@ -61,10 +66,22 @@ def test_dry_run_runs_every_step_and_brings_back_a_loadable_fp16_student(tmp_pat
     assert tiny["final_eval"]["eval/masked_tokens"] > 0
     # the report renders every step's table from the JSON and unpacks the student where docs expect it
     student = tmp_path / "models" / "bert-tiny-imdb"
-    report = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu" / "report.py"), str(tmp_path / "out" /
-                             "gpu-check.json"), "--results", str(tmp_path / "gpu.json"), "--student",
-                             str(tmp_path / "out" / tiny["tarball"]), "--student-to", str(student)],
-                            capture_output=True, text=True, timeout=60)
+    report = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "gpu" / "report.py"),
+            str(tmp_path / "out" / "gpu-check.json"),
+            "--results",
+            str(tmp_path / "gpu.json"),
+            "--student",
+            str(tmp_path / "out" / tiny["tarball"]),
+            "--student-to",
+            str(student),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert report.returncode == 0, report.stderr
     for title, _ in gpu_report.SECTIONS.values():
         assert f"### {title} (ok, " in report.stdout
@@ -81,15 +98,22 @@ def test_dry_run_runs_every_step_and_brings_back_a_loadable_fp16_student(tmp_pat
     figures = json.loads((student / "pretrain-figures.json").read_text())
     assert figures["export"]["step"] == tiny["steps"]
     # at most 8 files come back from the device: the check writes three
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bert-tiny-imdb.tar.gz", "check.log",
-                                                                   "gpu-check.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "bert-tiny-imdb.tar.gz",
+        "check.log",
+        "gpu-check.json",
+    ]
 
 
 @pytest.mark.slow
 def test_a_failing_or_hanging_step_costs_only_itself(tmp_path):
     """One step fails, the next hangs (killed at its limit); the step after still runs and the JSON says so."""
-    rc, summary, output = run_check("--steps", "kernels,prepare,kernel_speed", tmp=tmp_path,
-                                    env={"WELLREAD_GPU_CHECK_INJECT": "kernels:fail,prepare:hang"})
+    rc, summary, output = run_check(
+        "--steps",
+        "kernels,prepare,kernel_speed",
+        tmp=tmp_path,
+        env={"WELLREAD_GPU_CHECK_INJECT": "kernels:fail,prepare:hang"},
+    )
     steps = summary["steps"]
     assert rc == 1, output[-3000:]
     assert list(steps) == ["env", "kernels", "prepare", "kernel_speed"]
@@ -105,8 +129,20 @@ def test_a_failing_or_hanging_step_costs_only_itself(tmp_path):
 
 
 def test_unknown_step_is_a_one_line_error(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu" / "check.py"), "--dry-run", "--steps",
-                           "env,kernal", "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "gpu" / "check.py"),
+            "--dry-run",
+            "--steps",
+            "env,kernal",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "unknown step(s) ['kernal']" in proc.stderr
 
 
@@ -128,9 +164,14 @@ def test_manifest_refuses_a_folder_over_the_device_limit(tmp_path):
 def test_build_carry_makes_a_folder_that_fits_and_installs_what_the_gpu_image_lacks(tmp_path, real_data):
     """The one documented command (needs PyPI and the full IMDb data)."""
     dest = tmp_path / "carry"
-    proc = subprocess.run([str(ROOT / "tools" / "gpu" / "build_carry.sh"), str(dest)], cwd=ROOT,
-                          env={**os.environ, "PYTHON": sys.executable, "WELLREAD_DATA": str(real_data)},
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [str(ROOT / "tools" / "gpu" / "build_carry.sh"), str(dest)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHON": sys.executable, "WELLREAD_DATA": str(real_data)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     offline = any(w in proc.stderr for w in ("NewConnectionError", "Network is unreachable", "Temporary failure"))
     if proc.returncode and offline and os.environ.get("CI", "").lower() not in ("true", "1", "yes"):
         pytest.skip("PyPI unreachable: " + proc.stderr.strip().splitlines()[-1])

@@ -32,12 +32,9 @@ def test_every_dispatch_config_compiles_for_sm80_and_sm90(tmp_path):
     report = json.loads(out.read_text())
     assert report["failures"] == []
     compiled = {
-        (v["kernel"], v["dtype"], tuple(v["constexprs"].items()), v["num_warps"], v["arch"])
-        for v in report["variants"]
+        (v["kernel"], v["dtype"], tuple(v["constexprs"].items()), v["num_warps"], v["arch"]) for v in report["variants"]
     }
-    expected = {
-        (c.kernel, c.dtype, c.constexprs, c.num_warps, arch) for c in all_configs() for arch in (80, 90)
-    }
+    expected = {(c.kernel, c.dtype, c.constexprs, c.num_warps, arch) for c in all_configs() for arch in (80, 90)}
     assert compiled == expected
     assert all(v["registers"] > 0 and v["cubin_bytes"] > 0 for v in report["variants"])
     spilling = [v for v in report["variants"] if v["local_bytes"] or v["stack_bytes"]]

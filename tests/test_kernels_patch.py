@@ -85,9 +85,7 @@ def test_save_pretrained_loads_in_plain_transformers(tmp_path):
         assert torch.equal(a, b), name
     ids, attn = _inputs()
     with torch.no_grad():
-        torch.testing.assert_close(
-            fused(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5
-        )
+        torch.testing.assert_close(fused(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_mlm_loss_matches_transformers_loss():

@@ -40,9 +40,7 @@ def _close(a: torch.Tensor, e: torch.Tensor, rtol: float = 1e-5, atol: float = 1
 
 def _python(code: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_package_import_is_light_and_has_no_version():

@@ -25,7 +25,7 @@ data: {{task: sst2, max_train_examples: 256, data_root: {FIXTURE_DATA}}}
 model: {{name: bert-L2-H128}}
 train: {{steps: 4, micro_batch: 32, global_batch: 32, lr: 1.0e-3}}
 engine: {{ds_config: zero0}}
-run: {{out_dir: {root / 'run'}, tensorboard: false}}
+run: {{out_dir: {root / "run"}, tensorboard: false}}
 """)
     run(1, "finetune", str(recipe))
     return root / "run" / "best"
@@ -35,7 +35,7 @@ def recipe_file(tmp_path: Path, teacher: Path, out: Path, **extra: str) -> Path:
     path = tmp_path / f"label-{out.name}.yaml"
     path.write_text(f"""
 teacher: {teacher}
-transfer: {{task: sst2, task_split: train, max_examples: {extra.get('n', 2400)}, data_root: {FIXTURE_DATA}}}
+transfer: {{task: sst2, task_split: train, max_examples: {extra.get("n", 2400)}, data_root: {FIXTURE_DATA}}}
 output: {{out_dir: {out}, kind: classification, part_examples: 150, batch_size: 16}}
 """)
     return path
@@ -44,8 +44,12 @@ output: {{out_dir: {out}, kind: classification, part_examples: 150, batch_size: 
 def test_sentence_splitting_and_html():
     text = 'A fine film.<br /><br />The cast is "superb!" Really? Yes. e.g. this stays.'
     t = TransferSection(split_sentences=True)
-    assert split_into_sentences(text.replace("<br /><br />", " ")) == \
-        ["A fine film.", 'The cast is "superb!"', "Really?", "Yes. e.g. this stays."]
+    assert split_into_sentences(text.replace("<br /><br />", " ")) == [
+        "A fine film.",
+        'The cast is "superb!"',
+        "Really?",
+        "Yes. e.g. this stays.",
+    ]
     assert "<br" not in " ".join(s for s, _ in _units(t, text))
 
 
@@ -114,11 +118,19 @@ def test_slurm_job_array_then_dependent_finalize(tmp_path, teacher):
     env = {**os.environ, "WELLREAD_PYTHON": sys.executable, "WELLREAD_REQUEUE": "0"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    sbatch = lambda *a: subprocess.run(["sbatch", "--parsable", "--time=10", *a], cwd=ROOT, env=env,
-                                       capture_output=True, text=True, check=True).stdout.strip()
+    sbatch = lambda *a: subprocess.run(
+        ["sbatch", "--parsable", "--time=10", *a], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
     array = sbatch("--array=0-2", "-o", str(tmp_path / "a-%A_%a.out"), "slurm/wellread.sbatch", "label", str(recipe))
-    fin = sbatch(f"--dependency=afterok:{array}", "-o", str(tmp_path / "fin.out"), "slurm/wellread.sbatch", "label",
-                 str(recipe), "--finalize")
+    fin = sbatch(
+        f"--dependency=afterok:{array}",
+        "-o",
+        str(tmp_path / "fin.out"),
+        "slurm/wellread.sbatch",
+        "label",
+        str(recipe),
+        "--finalize",
+    )
     deadline = time.time() + 600
     while subprocess.run(["squeue", "-h", "-j", f"{array},{fin}"], capture_output=True, text=True).stdout.strip():
         assert time.time() < deadline, "Slurm jobs did not finish"

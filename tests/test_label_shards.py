@@ -14,9 +14,17 @@ def array_env(spec: str) -> list[dict[str, str]]:
     bounds, _, step = spec.partition(":")
     low, high = map(int, bounds.split("-"))
     ids = list(range(low, high + 1, int(step or 1)))
-    return [{"SLURM_ARRAY_TASK_ID": str(i), "SLURM_ARRAY_TASK_MIN": str(low), "SLURM_ARRAY_TASK_MAX": str(ids[-1]),
-             "SLURM_ARRAY_TASK_STEP": step or "1", "SLURM_ARRAY_TASK_COUNT": str(len(ids)),
-             "SLURM_ARRAY_JOB_ID": "77"} for i in ids]
+    return [
+        {
+            "SLURM_ARRAY_TASK_ID": str(i),
+            "SLURM_ARRAY_TASK_MIN": str(low),
+            "SLURM_ARRAY_TASK_MAX": str(ids[-1]),
+            "SLURM_ARRAY_TASK_STEP": step or "1",
+            "SLURM_ARRAY_TASK_COUNT": str(len(ids)),
+            "SLURM_ARRAY_JOB_ID": "77",
+        }
+        for i in ids
+    ]
 
 
 @pytest.mark.parametrize("spec", ["0-2", "1-3", "0-4:2", "5-17:6", "1-16"])
@@ -46,8 +54,13 @@ def test_flags_win_and_outside_an_array_is_one_shard():
 
 def test_an_unevenly_spaced_array_is_an_error():
     # sbatch --array=0,2,5: min 0, max 5, three tasks; no step makes them 0..2
-    env = {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "5",
-           "SLURM_ARRAY_TASK_STEP": "1", "SLURM_ARRAY_TASK_COUNT": "3"}
+    env = {
+        "SLURM_ARRAY_TASK_ID": "2",
+        "SLURM_ARRAY_TASK_MIN": "0",
+        "SLURM_ARRAY_TASK_MAX": "5",
+        "SLURM_ARRAY_TASK_STEP": "1",
+        "SLURM_ARRAY_TASK_COUNT": "3",
+    }
     with pytest.raises(UserError, match="not evenly spaced; pass --shard-index and --num-shards"):
         job_shard(None, None, env)
     with pytest.raises(UserError, match="pass --shard-index and --num-shards"):

@@ -13,13 +13,33 @@ from trainer.recipes.base import TrainSection
 def test_detect_torchrun_and_slurm_and_single():
     assert detect({}) == DistEnv()
     env = detect({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"})
-    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port, env.launcher) == \
-           (3, 4, 1, "10.0.0.1", 1234, "env (deepspeed launcher or manual)")
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port, env.launcher) == (
+        3,
+        4,
+        1,
+        "10.0.0.1",
+        1234,
+        "env (deepspeed launcher or manual)",
+    )
     assert detect({"RANK": "0", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "x"}).launcher == "torchrun"
-    slurm = detect({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "12345",
-                    "SLURM_STEP_ID": "0", "SLURM_JOB_NODELIST": "n1", "MASTER_ADDR": "127.0.0.1"})  # a srun task
-    assert (slurm.rank, slurm.world_size, slurm.local_rank, slurm.master_port, slurm.launcher) == \
-           (1, 2, 1, 20000 + 12345 % 20000, "slurm")
+    slurm = detect(
+        {
+            "SLURM_PROCID": "1",
+            "SLURM_NTASKS": "2",
+            "SLURM_LOCALID": "1",
+            "SLURM_JOB_ID": "12345",
+            "SLURM_STEP_ID": "0",
+            "SLURM_JOB_NODELIST": "n1",
+            "MASTER_ADDR": "127.0.0.1",
+        }
+    )  # a srun task
+    assert (slurm.rank, slurm.world_size, slurm.local_rank, slurm.master_port, slurm.launcher) == (
+        1,
+        2,
+        1,
+        20000 + 12345 % 20000,
+        "slurm",
+    )
     with pytest.raises(UserError, match="not started by srun"):  # the batch shell of a 2-task job
         detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "12345", "SLURM_JOB_NODELIST": "n1"})
     with pytest.raises(UserError, match="RANK='x' is not an integer"):
@@ -33,8 +53,11 @@ def test_named_ds_configs_merge_with_the_recipe(name):
     plan = batch_plan(train, world_size=2)
     cfg = build_ds_config(base, path, train, plan, hidden_size=768)  # "auto" ZeRO sizes follow the model
     assert "auto" not in json.dumps(cfg)
-    assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == \
-           (64, 8, 4)
+    assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (
+        64,
+        8,
+        4,
+    )
     assert cfg["gradient_clipping"] == 5.0
     assert zero_stage(cfg) == int(name[4])
     assert str(precision(cfg)).split(".")[-1] == {"bf16": "bfloat16", "fp16": "float16"}.get(name[-4:], "float32")
@@ -44,8 +67,11 @@ def test_ds_config_conflicts_name_the_key_and_file(tmp_path):
     train = TrainSection(micro_batch=8, global_batch=32, clip=1.0)
     plan = batch_plan(train, 1)
     path = tmp_path / "mine.json"
-    for bad, key in (({"gradient_clipping": 2.0}, "gradient_clipping"), ({"train_batch_size": 16}, "train_batch_size"),
-                     ({"optimizer": {"type": "Adam"}}, "optimizer")):
+    for bad, key in (
+        ({"gradient_clipping": 2.0}, "gradient_clipping"),
+        ({"train_batch_size": 16}, "train_batch_size"),
+        ({"optimizer": {"type": "Adam"}}, "optimizer"),
+    ):
         path.write_text(json.dumps(bad))
         with pytest.raises(UserError, match=rf"mine\.json: key '{key}'"):
             build_ds_config(*load_ds_config(str(path)), train, plan, "r.yaml")

@@ -21,8 +21,13 @@ FOREIGN_CONF = b"# a site's real config\nClusterName=production\nSlurmctldHost=h
 
 def local_slurm(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
-    full.update({"WELLREAD_SLURM_DIR": str(tmp_path / "private"),
-                 "WELLREAD_SLURM_SYSTEM_CONFS": str(tmp_path / "etc" / "slurm" / "slurm.conf"), **env})
+    full.update(
+        {
+            "WELLREAD_SLURM_DIR": str(tmp_path / "private"),
+            "WELLREAD_SLURM_SYSTEM_CONFS": str(tmp_path / "etc" / "slurm" / "slurm.conf"),
+            **env,
+        }
+    )
     return subprocess.run(["bash", str(SCRIPT), *args], env=full, capture_output=True, text=True, timeout=60)
 
 
@@ -68,8 +73,9 @@ def test_start_refuses_when_slurm_conf_names_another_file(tmp_path):
 def test_start_refuses_beside_a_foreign_slurmctld_and_stop_leaves_it_alone(tmp_path, fake_daemon):
     proc = local_slurm(tmp_path, "start")
     assert proc.returncode == 1, proc.stderr
-    named = re.search(r"refusing to start: slurmctld pid (\d+) is running and was not started by this script",
-                      proc.stderr)
+    named = re.search(
+        r"refusing to start: slurmctld pid (\d+) is running and was not started by this script", proc.stderr
+    )
     assert named, proc.stderr
     pgrep = subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True, text=True)
     others = {int(p) for p in pgrep.stdout.split()}

@@ -133,9 +133,12 @@ def test_sampler_covers_every_example_once_per_epoch(world, bucketed):
 
 def test_bucketed_store_batches_pad_less():
     """The point of bucketing: the padded tokens of an epoch (batch size x its longest example) shrink."""
+
     def padded(sampler: StoreSampler) -> int:
-        return sum(len(b) * int(LENGTHS[b].max()) for b in
-                   (sampler.global_items(Cursor(0, i)) for i in range(sampler.batches_per_epoch)))
+        return sum(
+            len(b) * int(LENGTHS[b].max())
+            for b in (sampler.global_items(Cursor(0, i)) for i in range(sampler.batches_per_epoch))
+        )
 
     plain, bucketed = StoreSampler(1001, 32, 0, 1, seed=3), StoreSampler(1001, 32, 0, 1, seed=3, lengths=LENGTHS)
     # Uniform lengths in [3, 128]: a random batch of 32 pads to ~125, a sorted window of 50 batches to ~3 + the

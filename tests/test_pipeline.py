@@ -28,24 +28,46 @@ BOOK = ROOT / "data" / "demo" / "heldout" / "pg00219.txt.gz"
 def study_yaml(path: Path, out: Path, methods: list[str], seeds: list[int], **extra) -> Path:
     """A tiny study: BERT-Tiny, 2-4 optimizer steps per stage, a random-init teacher (fine-tuned 2 steps)."""
     recipe = {
-        "study": {"out_dir": str(out), "task": "sst2", "data_root": str(FIXTURE_DATA), "students": ["bert-L2-H128"],
-                  "methods": methods, "seeds": seeds, "label_sizes": [64]},
+        "study": {
+            "out_dir": str(out),
+            "task": "sst2",
+            "data_root": str(FIXTURE_DATA),
+            "students": ["bert-L2-H128"],
+            "methods": methods,
+            "seeds": seeds,
+            "label_sizes": [64],
+        },
         "corpus": {"files": [str(BOOK)], "strip_gutenberg": True, "seq_len": 64},
-        "pretrain": {"model": {"dropout": 0.0}, "data": {"verify": "size"},
-                     "train": {"steps": 3, "micro_batch": 8, "global_batch": 8, "lr": 1e-3, "warmup_steps": 1},
-                     "engine": {"ds_config": "zero0"}, "run": {"log_every": 1, "tensorboard": False}},
-        "teacher": {"init": "bert-L2-H128", "finetune": {
-            "data": {"max_seq_len": 32, "max_train_examples": 64},
-            "train": {"epochs": 1, "micro_batch": 32, "global_batch": 32, "lr": 1e-3, "warmup_steps": 1},
-            "engine": {"ds_config": "zero0"}, "run": {"log_every": 1, "tensorboard": False}}},
+        "pretrain": {
+            "model": {"dropout": 0.0},
+            "data": {"verify": "size"},
+            "train": {"steps": 3, "micro_batch": 8, "global_batch": 8, "lr": 1e-3, "warmup_steps": 1},
+            "engine": {"ds_config": "zero0"},
+            "run": {"log_every": 1, "tensorboard": False},
+        },
+        "teacher": {
+            "init": "bert-L2-H128",
+            "finetune": {
+                "data": {"max_seq_len": 32, "max_train_examples": 64},
+                "train": {"epochs": 1, "micro_batch": 32, "global_batch": 32, "lr": 1e-3, "warmup_steps": 1},
+                "engine": {"ds_config": "zero0"},
+                "run": {"log_every": 1, "tensorboard": False},
+            },
+        },
         "transfer": {"task": "sst2", "task_split": "train", "data_root": str(FIXTURE_DATA), "max_examples": 96},
         "label": {"output": {"max_seq_len": 32, "batch_size": 64, "part_examples": 64}},
-        "finetune": {"data": {"max_seq_len": 32},
-                     "train": {"epochs": 1, "micro_batch": 32, "global_batch": 32, "lr": 1e-3, "warmup_steps": 1},
-                     "engine": {"ds_config": "zero0"}, "run": {"log_every": 1, "tensorboard": False}},
-        "distill": {"data": {"verify": "size"},
-                    "train": {"epochs": 1, "micro_batch": 32, "global_batch": 32, "lr": 1e-3, "warmup_steps": 1},
-                    "engine": {"ds_config": "zero0"}, "run": {"log_every": 1, "tensorboard": False}},
+        "finetune": {
+            "data": {"max_seq_len": 32},
+            "train": {"epochs": 1, "micro_batch": 32, "global_batch": 32, "lr": 1e-3, "warmup_steps": 1},
+            "engine": {"ds_config": "zero0"},
+            "run": {"log_every": 1, "tensorboard": False},
+        },
+        "distill": {
+            "data": {"verify": "size"},
+            "train": {"epochs": 1, "micro_batch": 32, "global_batch": 32, "lr": 1e-3, "warmup_steps": 1},
+            "engine": {"ds_config": "zero0"},
+            "run": {"log_every": 1, "tensorboard": False},
+        },
     }
     for dotted, value in extra.items():
         node = recipe
@@ -60,8 +82,9 @@ def study_yaml(path: Path, out: Path, methods: list[str], seeds: list[int], **ex
 def pipeline(*args: str, expect: int | None = 0, timeout: float = 1800) -> subprocess.CompletedProcess:
     proc = run_cli("pipeline", *args, timeout=timeout)
     if expect is not None and proc.returncode != expect:
-        raise AssertionError(f"exit {proc.returncode} (expected {expect})\n{proc.stdout[-4000:]}\n"
-                             f"{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"exit {proc.returncode} (expected {expect})\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
@@ -92,8 +115,14 @@ def plan_states(text: str) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------- fast
 def test_dry_run_lists_every_stage_and_runs_nothing(tmp_path):
     out = tmp_path / "study"
-    recipe = study_yaml(tmp_path / "s.yaml", out, ["basic", "pf", "kd", "pd", "pd_ft"], [1, 2],
-                        search__lr=[1e-3, 3e-4], study__label_sizes=[32, None])
+    recipe = study_yaml(
+        tmp_path / "s.yaml",
+        out,
+        ["basic", "pf", "kd", "pd", "pd_ft"],
+        [1, 2],
+        search__lr=[1e-3, 3e-4],
+        study__label_sizes=[32, None],
+    )
     proc = pipeline(str(recipe), "--dry-run")
     states = plan_states(proc.stdout)
     assert set(states.values()) == {"run"}
@@ -172,8 +201,13 @@ def final_eval(run_dir: Path, metric: str = "accuracy") -> float:
 @pytest.mark.slow
 def test_first_run_runs_every_stage_then_everything_is_cached(study):
     ran = lines_with(study["first"].stdout, "running")
-    assert ran == {"corpus", "pretrain/bert-L2-H128", "teacher", "softlabels",
-                   *(run_id(m, s) for m in ("basic", "pf", "pd") for s in (1, 2))}
+    assert ran == {
+        "corpus",
+        "pretrain/bert-L2-H128",
+        "teacher",
+        "softlabels",
+        *(run_id(m, s) for m in ("basic", "pf", "pd") for s in (1, 2)),
+    }
     again = pipeline(str(study["recipe"]))
     assert lines_with(again.stdout, "running") == set()
     assert lines_with(again.stdout, "cached") == ran
@@ -231,11 +265,23 @@ def test_changed_key_reruns_that_stage_and_downstream_only(study):
 @pytest.mark.slow
 def test_killed_pipeline_continues_where_it_stopped(tmp_path):
     out = tmp_path / "study"
-    recipe = study_yaml(tmp_path / "s.yaml", out, ["basic"], [1, 2],
-                        finetune__train__epochs=2, finetune__run__ckpt_every=1, finetune__debug={"step_sleep": 1.5})
+    recipe = study_yaml(
+        tmp_path / "s.yaml",
+        out,
+        ["basic"],
+        [1, 2],
+        finetune__train__epochs=2,
+        finetune__run__ckpt_every=1,
+        finetune__debug={"step_sleep": 1.5},
+    )
     log = open(tmp_path / "p.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "trainer.cli", "pipeline", str(recipe)], cwd=ROOT, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer.cli", "pipeline", str(recipe)],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     second = out / run_id("basic", 2)
     deadline = time.time() + 900
     while not (second / "checkpoints" / "latest.json").is_file():
@@ -259,10 +305,16 @@ def test_killed_pipeline_continues_where_it_stopped(tmp_path):
 @pytest.mark.slow
 def test_sigterm_checkpoints_the_stage_and_stops(tmp_path):
     out = tmp_path / "study"
-    recipe = study_yaml(tmp_path / "s.yaml", out, ["basic"], [1], finetune__train__epochs=3,
-                        finetune__debug={"step_sleep": 1.5})
-    proc = subprocess.Popen([sys.executable, "-m", "trainer.cli", "pipeline", str(recipe)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    recipe = study_yaml(
+        tmp_path / "s.yaml", out, ["basic"], [1], finetune__train__epochs=3, finetune__debug={"step_sleep": 1.5}
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer.cli", "pipeline", str(recipe)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     run_dir = out / run_id("basic", 1)
     deadline = time.time() + 900
     while not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "metrics.jsonl").read_text().strip():

@@ -118,8 +118,9 @@ def _assert_same_corpus(a: Path, b: Path) -> None:
     ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (a, b))
     strip = lambda s: {k: v for k, v in s.items() if k != "seconds"}
     assert strip(ma["stats"]) == strip(mb["stats"])
-    assert [(s["bin_sha256"], s["idx_sha256"]) for s in ma["shards"]] == \
-           [(s["bin_sha256"], s["idx_sha256"]) for s in mb["shards"]]
+    assert [(s["bin_sha256"], s["idx_sha256"]) for s in ma["shards"]] == [
+        (s["bin_sha256"], s["idx_sha256"]) for s in mb["shards"]
+    ]
 
 
 KILL_SCRIPT = """
@@ -143,8 +144,12 @@ def test_sigkill_mid_run_then_rerun_resumes(tmp_path):
     args = [*map(str, BOOKS), "--strip-gutenberg", "--seq-len", "64", "--shard-tokens", "8000", "--no-progress"]
     run_cli("tools/preprocess_corpus.py", *args, "--out", str(tmp_path / "full"), check=True)
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, *args, "--out", str(out)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, *args, "--out", str(out)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 120
     while len(list(out.glob("shard-*.json"))) < 3 and time.time() < deadline:
         time.sleep(0.05)
@@ -224,9 +229,25 @@ def test_peak_memory_is_flat_in_corpus_size(tmp_path):
         f.write_text(text)
     peaks = []
     for name, files in (("1x", [one]), ("4x", four)):
-        proc = subprocess.run([sys.executable, "-c", RSS_SCRIPT, *map(str, files), "--out", str(tmp_path / name),
-                               "--doc-mode", "blank_line", "--shard-tokens", "200000", "--no-progress"],
-                              cwd=ROOT, capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                RSS_SCRIPT,
+                *map(str, files),
+                "--out",
+                str(tmp_path / name),
+                "--doc-mode",
+                "blank_line",
+                "--shard-tokens",
+                "200000",
+                "--no-progress",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         peaks.append(int(proc.stdout.strip()))
     assert peaks[1] <= 1.3 * peaks[0], peaks
 
@@ -236,8 +257,16 @@ def test_trained_tokenizer_feeds_preprocessing(tmp_path):
     from tokenizers import Tokenizer
 
     out = tmp_path / "tok"
-    run_cli("tools/train_tokenizer.py", *map(str, BOOKS), "--strip-gutenberg", "--vocab-size", "2000",
-            "--out", str(out), check=True)
+    run_cli(
+        "tools/train_tokenizer.py",
+        *map(str, BOOKS),
+        "--strip-gutenberg",
+        "--vocab-size",
+        "2000",
+        "--out",
+        str(out),
+        check=True,
+    )
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     assert tok.get_vocab_size() == 2000 and (out / "vocab.txt").is_file()
     assert tok.token_to_id("[MASK]") is not None

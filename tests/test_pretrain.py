@@ -22,8 +22,9 @@ STEPS = 12
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("corpus") / "books"
-    preprocess(SourceSpec(files=DEMO_BOOKS[:3], strip_gutenberg=True), out, None, PackOptions(seq_len=64),
-               progress=False)
+    preprocess(
+        SourceSpec(files=DEMO_BOOKS[:3], strip_gutenberg=True), out, None, PackOptions(seq_len=64), progress=False
+    )
     return out
 
 
@@ -68,8 +69,15 @@ def test_sparse_head_loss_equals_full_head():
     from trainer.models.mlm import SparseMLM
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=500, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg = BertConfig(
+        vocab_size=500,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     model = SparseMLM(BertForMaskedLM(cfg)).eval()
     spec = MaskSpec(vocab_size=500, specials=SpecialIds(0, 1, 2, 3, 4))
     rng = np.random.default_rng(0)
@@ -125,8 +133,11 @@ def test_kill_during_checkpoint_keeps_previous_loadable(tmp_path, recipe, refere
     out = tmp_path / "ckpt-kill"
     ckpts = out / "checkpoints"
     proc = start(1, "pretrain", str(recipe), f"run.out_dir={out}", "debug.checkpoint_sleep=3", log=tmp_path / "k.log")
-    wait_for(lambda: (ckpts / ".tmp-step-0000008").is_dir() and (ckpts / "step-0000004").is_dir(), proc=proc,
-             log=tmp_path / "k.log")
+    wait_for(
+        lambda: (ckpts / ".tmp-step-0000008").is_dir() and (ckpts / "step-0000004").is_dir(),
+        proc=proc,
+        log=tmp_path / "k.log",
+    )
     kill_group(proc)
     assert json.loads((ckpts / "latest.json").read_text())["tag"] == "step-0000004"
     assert not (ckpts / "step-0000008").exists()
@@ -150,13 +161,27 @@ def test_sigterm_checkpoints_and_exits_resumable(tmp_path, recipe, reference_run
 @pytest.mark.slow
 def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, recipe):
     out = tmp_path / "nan"
-    run(1, "pretrain", str(recipe), f"run.out_dir={out}", "engine.ds_config=zero0", "debug.nan_at_steps=[3]",
-        "run.ckpt_every=0")
+    run(
+        1,
+        "pretrain",
+        str(recipe),
+        f"run.out_dir={out}",
+        "engine.ds_config=zero0",
+        "debug.nan_at_steps=[3]",
+        "run.ckpt_every=0",
+    )
     loss, skipped = metrics(out), metrics(out, "train/skipped")
     assert math.isnan(loss[3]) and skipped[3] == 1.0 and all(math.isfinite(loss[s]) for s in range(4, STEPS + 1))
     assert sum(skipped.values()) == 1
-    proc = run(1, "pretrain", str(recipe), f"run.out_dir={tmp_path / 'nan2'}", "debug.nan_at_steps=[2,3,4,5]",
-               "train.max_nonfinite_in_a_row=3", expect=1)
+    proc = run(
+        1,
+        "pretrain",
+        str(recipe),
+        f"run.out_dir={tmp_path / 'nan2'}",
+        "debug.nan_at_steps=[2,3,4,5]",
+        "train.max_nonfinite_in_a_row=3",
+        expect=1,
+    )
     assert "wellread: error: 3 non-finite steps in a row (last at step 4)" in proc.stderr
 
 
@@ -190,8 +215,17 @@ def test_tensorboard_events_are_written_and_readable(reference_runs):
     acc = EventAccumulator(str(reference_runs["1rank"] / "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("train/loss", "train/mlm_acc", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu",
-                "train/rss_mb", "eval/loss", "eval/mlm_acc"):
+    for tag in (
+        "train/loss",
+        "train/mlm_acc",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "train/mfu",
+        "train/rss_mb",
+        "eval/loss",
+        "eval/mlm_acc",
+    ):
         assert tag in tags, tag
     steps = [e.step for e in acc.Scalars("train/loss")]
     assert steps == [4, 8, 12]
@@ -242,9 +276,27 @@ def test_srun_on_two_slurm_nodes_matches_one_rank(tmp_path, recipe, reference_ru
     env = {**os.environ, "WELLREAD_PYTHON": sys.executable, "WELLREAD_REQUEUE": "0"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    proc = subprocess.run(["sbatch", "--wait", "-N", "2", "--ntasks-per-node=1", "-o", str(log), "--time=10",
-                           "slurm/wellread.sbatch", "pretrain", str(recipe), f"run.out_dir={out}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            "sbatch",
+            "--wait",
+            "-N",
+            "2",
+            "--ntasks-per-node=1",
+            "-o",
+            str(log),
+            "--time=10",
+            "slurm/wellread.sbatch",
+            "pretrain",
+            str(recipe),
+            f"run.out_dir={out}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     text = log.read_text() if log.exists() else ""
     assert proc.returncode == 0, proc.stderr + text[-4000:]
     assert "on n[1-2] (2 tasks)" in text and "2 rank(s) via slurm" in text
@@ -256,11 +308,17 @@ def test_offload_and_bf16_configs_agree_with_fp32(tmp_path, recipe, reference_ru
     """The GPU-oriented configs run on CPU too: optimizer+parameter offload gives the fp32 losses,
     bf16 (ZeRO-2, fp32 master weights) stays within bf16 rounding of them."""
     reference = metrics(reference_runs["1rank"])
-    pretrain(1, recipe, tmp_path / "offload", "engine.ds_config=zero3_offload", "run.ckpt_every=0",
-             "data.eval=null")
+    pretrain(1, recipe, tmp_path / "offload", "engine.ds_config=zero3_offload", "run.ckpt_every=0", "data.eval=null")
     assert_losses_match(metrics(tmp_path / "offload"), reference, range(1, STEPS + 1))
-    pretrain(1, recipe, tmp_path / "bf16", "engine.ds_config=zero2_bf16", "train.steps=4", "run.ckpt_every=0",
-             "data.eval=null")
+    pretrain(
+        1,
+        recipe,
+        tmp_path / "bf16",
+        "engine.ds_config=zero2_bf16",
+        "train.steps=4",
+        "run.ckpt_every=0",
+        "data.eval=null",
+    )
     bf16 = metrics(tmp_path / "bf16")
     for s in range(1, 5):
         assert bf16[s] == pytest.approx(reference[s], rel=2e-3), (s, bf16[s], reference[s])
@@ -278,10 +336,26 @@ def test_deepspeed_launcher_matches_one_rank(tmp_path, recipe, reference_runs):
 
     out = tmp_path / "ds"
     deepspeed = Path(sys.executable).with_name("deepspeed")
-    proc = subprocess.run([str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
-                           "trainer.cli", "pretrain", str(recipe), f"run.out_dir={out}", "run.ckpt_every=0"],
-                          cwd=ROOT, env={**env_for(2), "PATH": f"{deepspeed.parent}:{os.environ['PATH']}"},
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            str(deepspeed),
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "--module",
+            "trainer.cli",
+            "pretrain",
+            str(recipe),
+            f"run.out_dir={out}",
+            "run.ckpt_every=0",
+        ],
+        cwd=ROOT,
+        env={**env_for(2), "PATH": f"{deepspeed.parent}:{os.environ['PATH']}"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "2 rank(s) via env (deepspeed launcher" in proc.stderr + proc.stdout
     assert_losses_match(metrics(out), metrics(reference_runs["1rank"]), range(1, STEPS + 1))

@@ -17,8 +17,13 @@ from conftest import ROOT
 from trainer.config import load_config
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
-STAGE_WORDS = {"pretrain": "pretrain", "finetune": "finetune", "basic": "finetune", "label": "label",
-               "distill": "distill"}  # "basic training" (Turc et al.) is fine-tuning from random weights
+STAGE_WORDS = {
+    "pretrain": "pretrain",
+    "finetune": "finetune",
+    "basic": "finetune",
+    "label": "label",
+    "distill": "distill",
+}  # "basic training" (Turc et al.) is fine-tuning from random weights
 
 
 def stage_of(path: Path) -> str:

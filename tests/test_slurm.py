@@ -48,15 +48,21 @@ def job_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith("SLURM_")}
     env["SLURM_CONF"] = os.environ["SLURM_CONF"]
     bindir = str(Path(sys.executable).parent)
-    env.update(WELLREAD_PYTHON=sys.executable, PATH=f"{bindir}:{env.get('PATH', '')}", OMP_NUM_THREADS="1",
-               TORCH_EXTENSIONS_DIR=str(Path(tempfile.gettempdir()) / "wellread-test-torch-extensions"),
-               PYTHONUNBUFFERED="1", **extra)
+    env.update(
+        WELLREAD_PYTHON=sys.executable,
+        PATH=f"{bindir}:{env.get('PATH', '')}",
+        OMP_NUM_THREADS="1",
+        TORCH_EXTENSIONS_DIR=str(Path(tempfile.gettempdir()) / "wellread-test-torch-extensions"),
+        PYTHONUNBUFFERED="1",
+        **extra,
+    )
     return env
 
 
 def sbatch(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> str:
-    proc = subprocess.run(["sbatch", "--parsable", *args], cwd=cwd, env=env or job_env(), capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        ["sbatch", "--parsable", *args], cwd=cwd, env=env or job_env(), capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
 
@@ -77,8 +83,9 @@ def wait_jobs(*jobs: str, timeout: float = TIMEOUT) -> None:
     """Until no task of `jobs` is pending, running or completing (no sacct here: poll squeue)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        left = subprocess.run(["squeue", "-h", "-j", ",".join(jobs), "-t", "PD,R,CG,CF,RQ,S,RS"],
-                              capture_output=True, text=True).stdout.strip()
+        left = subprocess.run(
+            ["squeue", "-h", "-j", ",".join(jobs), "-t", "PD,R,CG,CF,RQ,S,RS"], capture_output=True, text=True
+        ).stdout.strip()
         if not left:
             return
         time.sleep(1)
@@ -105,8 +112,15 @@ def release(job: str) -> None:
     finished the old run (no COMPLETING node) and then start it 3 seconds later, well past the revocation.
     """
     wait_for(lambda: states(job) == ["PENDING"], f"job {job} pending after its requeue", job=None, timeout=120)
-    wait_for(lambda: not subprocess.run(["sinfo", "-h", "-t", "completing", "-o", "%N"], capture_output=True,
-                                        text=True).stdout.strip(), "the nodes to finish the old run", timeout=120)
+    wait_for(
+        lambda: (
+            not subprocess.run(
+                ["sinfo", "-h", "-t", "completing", "-o", "%N"], capture_output=True, text=True
+            ).stdout.strip()
+        ),
+        "the nodes to finish the old run",
+        timeout=120,
+    )
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+3"], check=True, capture_output=True)
 
 
@@ -141,16 +155,22 @@ def random_classifier(out: Path, seed: int) -> Path:
 
 # ---------------------------------------------------------------------------------------------- launcher
 def test_a_multi_task_allocation_without_srun_is_refused_at_once():
-    batch_step = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
-                  "SLURM_JOB_NODELIST": "n[1-2]"}
+    batch_step = {
+        "SLURM_JOB_ID": "7",
+        "SLURM_NTASKS": "4",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_JOB_NODELIST": "n[1-2]",
+    }
     with pytest.raises(UserError, match="job 7 has 4 tasks but this process was not started by srun"):
         detect(batch_step)
     with pytest.raises(UserError, match="not started by srun"):  # an salloc shell: no SLURM_PROCID either
         detect({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2"})
     one = detect({**batch_step, "SLURM_NTASKS": "1"})
     assert (one.rank, one.world_size) == (0, 1), "a one-task job may run Python in the batch script"
-    task = detect({**batch_step, "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
-                   "MASTER_ADDR": "10.0.0.1"})
+    task = detect(
+        {**batch_step, "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0", "MASTER_ADDR": "10.0.0.1"}
+    )
     assert (task.rank, task.world_size, task.local_rank, task.launcher) == (3, 4, 1, "slurm")
     torchrun = detect({**batch_step, "RANK": "1", "WORLD_SIZE": "2"})
     assert (torchrun.rank, torchrun.world_size) == (1, 2), "torchrun inside an allocation is not refused"
@@ -165,26 +185,37 @@ def small(tmp_path_factory) -> dict[str, Path]:
     (root / "label.yaml").write_text(f"""
 teacher: {teacher}
 transfer: {{task: sst2, task_split: train, max_examples: {N_TRANSFER}, data_root: {FIXTURE_DATA}}}
-output: {{out_dir: {root / 'store-1proc'}, kind: classification, part_examples: 100, batch_size: 64}}
+output: {{out_dir: {root / "store-1proc"}, kind: classification, part_examples: 100, batch_size: 64}}
 """)
     (root / "distill.yaml").write_text(f"""
-data: {{store: {root / 'store-1proc'}, eval_task: sst2, data_root: {FIXTURE_DATA}, verify: size}}
+data: {{store: {root / "store-1proc"}, eval_task: sst2, data_root: {FIXTURE_DATA}, verify: size}}
 model: {{name: bert-L2-H128, dropout: 0.0}}
 train: {{epochs: 2, micro_batch: 16, global_batch: 64, lr: 2.0e-3, warmup_steps: 1, seed: 7}}
 engine: {{ds_config: zero2}}
-run: {{out_dir: {root / 'unused'}, log_every: 1, ckpt_every: 3, tensorboard: false}}
+run: {{out_dir: {root / "unused"}, log_every: 1, ckpt_every: 3, tensorboard: false}}
 """)
     run(1, "label", str(root / "label.yaml"))
-    return {"root": root, "teacher": teacher, "store": root / "store-1proc", "label": root / "label.yaml",
-            "distill": root / "distill.yaml"}
+    return {
+        "root": root,
+        "teacher": teacher,
+        "store": root / "store-1proc",
+        "label": root / "label.yaml",
+        "distill": root / "distill.yaml",
+    }
 
 
 def submit_check(*args: str, script: bool = False) -> subprocess.CompletedProcess:
     """`slurm/submit.sh --check ARGS`: through the script, or in this process (the same code, without paying
     torch's and DeepSpeed's import for each case)."""
     if script:
-        return subprocess.run([str(ROOT / "slurm" / "submit.sh"), "--check", *args], cwd=ROOT, capture_output=True,
-                              text=True, env=job_env(), timeout=600)
+        return subprocess.run(
+            [str(ROOT / "slurm" / "submit.sh"), "--check", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env=job_env(),
+            timeout=600,
+        )
     import contextlib
     import io
 
@@ -219,39 +250,89 @@ def test_check_passes_a_good_job_and_rejects_each_bad_input_in_one_line(small, t
     assert "check passed: wellread distill" in ok.stdout and "2 node(s) x 2 task(s), CPU" in ok.stdout
     assert re.search(r"bert-L2-H128: ZeRO-2 fp32 offload none on 4 rank\(s\).*GiB host memory per rank", ok.stdout)
 
-    one_line_error(submit_check("slurm/distill.sbatch", str(tmp_path / "missing.yaml"), script=True),
-                   "missing.yaml", "recipe file not found")
-    one_line_error(submit_check("slurm/distill.sbatch", distill, "model.name=bert-L3-H100"),
-                   "model.name", "unknown model 'bert-L3-H100'")
-    one_line_error(submit_check("slurm/distill.sbatch", distill, f"data.store={tmp_path / 'no-store'}"),
-                   "data.store", "no-store", "not found")
+    one_line_error(
+        submit_check("slurm/distill.sbatch", str(tmp_path / "missing.yaml"), script=True),
+        "missing.yaml",
+        "recipe file not found",
+    )
+    one_line_error(
+        submit_check("slurm/distill.sbatch", distill, "model.name=bert-L3-H100"),
+        "model.name",
+        "unknown model 'bert-L3-H100'",
+    )
+    one_line_error(
+        submit_check("slurm/distill.sbatch", distill, f"data.store={tmp_path / 'no-store'}"),
+        "data.store",
+        "no-store",
+        "not found",
+    )
     (tmp_path / "empty-store").mkdir()
-    one_line_error(submit_check("slurm/distill.sbatch", distill, f"data.store={tmp_path / 'empty-store'}"),
-                   "data.store", "no manifest.json")
-    one_line_error(submit_check("slurm/label.sbatch", str(small["label"]), "transfer.files=[/nonexistent/a.txt]"),
-                   "transfer.files", "/nonexistent/a.txt: not found")
+    one_line_error(
+        submit_check("slurm/distill.sbatch", distill, f"data.store={tmp_path / 'empty-store'}"),
+        "data.store",
+        "no manifest.json",
+    )
+    one_line_error(
+        submit_check("slurm/label.sbatch", str(small["label"]), "transfer.files=[/nonexistent/a.txt]"),
+        "transfer.files",
+        "/nonexistent/a.txt: not found",
+    )
     # a ds_config / batch that does not fit the requested GPUs (or ranks)
-    one_line_error(submit_check("-N", "2", "--ntasks-per-node=3", "slurm/distill.sbatch", distill),
-                   "global_batch=64 is not a multiple of", "16 x 6", "2 node(s) x 3 task(s)")
-    one_line_error(submit_check("slurm/distill.sbatch", distill, "engine.ds_config=zero2_fp16"),
-                   "fp16 needs GPUs")
-    one_line_error(submit_check("--gpu-mem", "16", "-N", "1", "--ntasks-per-node=1", "--gpus-per-node=1",
-                                "slurm/distill.sbatch", distill, "model.name=bert-large", "train.micro_batch=64",
-                                "train.global_batch=64", "engine.ds_config=zero0"),
-                   "zero0.json does not fit 1 x 16 GiB GPU", "bert-large")
+    one_line_error(
+        submit_check("-N", "2", "--ntasks-per-node=3", "slurm/distill.sbatch", distill),
+        "global_batch=64 is not a multiple of",
+        "16 x 6",
+        "2 node(s) x 3 task(s)",
+    )
+    one_line_error(submit_check("slurm/distill.sbatch", distill, "engine.ds_config=zero2_fp16"), "fp16 needs GPUs")
+    one_line_error(
+        submit_check(
+            "--gpu-mem",
+            "16",
+            "-N",
+            "1",
+            "--ntasks-per-node=1",
+            "--gpus-per-node=1",
+            "slurm/distill.sbatch",
+            distill,
+            "model.name=bert-large",
+            "train.micro_batch=64",
+            "train.global_batch=64",
+            "engine.ds_config=zero0",
+        ),
+        "zero0.json does not fit 1 x 16 GiB GPU",
+        "bert-large",
+    )
     one_line_error(submit_check("--gpus-per-node=4", "slurm/distill.sbatch", distill), "one process per GPU")
     # the same model fits once ZeRO-3 partitions it over 8 GPUs
-    fits = submit_check("--gpu-mem", "16", "-N", "2", "--ntasks-per-node=4", "--gpus-per-node=4",
-                        "slurm/distill.sbatch", distill, "model.name=bert-large", "train.micro_batch=8",
-                        "engine.ds_config=zero3")
+    fits = submit_check(
+        "--gpu-mem",
+        "16",
+        "-N",
+        "2",
+        "--ntasks-per-node=4",
+        "--gpus-per-node=4",
+        "slurm/distill.sbatch",
+        distill,
+        "model.name=bert-large",
+        "train.micro_batch=8",
+        "engine.ds_config=zero3",
+    )
     assert fits.returncode == 0, fits.stderr
-    one_line_error(submit_check("--array=0-8", "slurm/preprocess.sbatch", *map(str, DEMO_BOOKS), "--out",
-                                str(tmp_path / "c")), "9 array tasks but only 8 input file(s)")
+    one_line_error(
+        submit_check("--array=0-8", "slurm/preprocess.sbatch", *map(str, DEMO_BOOKS), "--out", str(tmp_path / "c")),
+        "9 array tasks but only 8 input file(s)",
+    )
     (tmp_path / "pretrain.yaml").write_text(f"data: {{train: {tmp_path / 'no-corpus'}}}\n")
-    one_line_error(submit_check("--array=0,30", "slurm/pretrain_grid.sbatch", str(tmp_path / "pretrain.yaml")),
-                   "--array task 30 has no model: the grid has 24")
-    one_line_error(submit_check("--array=0,3", "slurm/pretrain_grid.sbatch", str(tmp_path / "pretrain.yaml")),
-                   "data.train", "no-corpus: not found")
+    one_line_error(
+        submit_check("--array=0,30", "slurm/pretrain_grid.sbatch", str(tmp_path / "pretrain.yaml")),
+        "--array task 30 has no model: the grid has 24",
+    )
+    one_line_error(
+        submit_check("--array=0,3", "slurm/pretrain_grid.sbatch", str(tmp_path / "pretrain.yaml")),
+        "data.train",
+        "no-corpus: not found",
+    )
 
 
 # ---------------------------------------------------------------------------------------------- preprocessing
@@ -312,9 +393,13 @@ def test_shares_are_contiguous_balanced_and_never_empty(tmp_path):
     with pytest.raises(UserError, match="9 tasks but only 8 input file"):
         partition(files, 9)
     # array positions as the labeler computes them (tests/test_label_shards.py): ids 1-3 or 0-4:2 -> 0..2
-    env = lambda i, lo, hi, step, n: {"SLURM_ARRAY_TASK_ID": str(i), "SLURM_ARRAY_TASK_MIN": str(lo),  # noqa: E731
-                                      "SLURM_ARRAY_TASK_MAX": str(hi), "SLURM_ARRAY_TASK_STEP": str(step),
-                                      "SLURM_ARRAY_TASK_COUNT": str(n)}
+    env = lambda i, lo, hi, step, n: {
+        "SLURM_ARRAY_TASK_ID": str(i),
+        "SLURM_ARRAY_TASK_MIN": str(lo),  # noqa: E731
+        "SLURM_ARRAY_TASK_MAX": str(hi),
+        "SLURM_ARRAY_TASK_STEP": str(step),
+        "SLURM_ARRAY_TASK_COUNT": str(n),
+    }
     assert [array_position(env(i, 1, 3, 1, 3)) for i in (1, 2, 3)] == [(0, 3), (1, 3), (2, 3)]
     assert [array_position(env(i, 0, 4, 2, 3)) for i in (0, 2, 4)] == [(0, 3), (1, 3), (2, 3)]
     with pytest.raises(UserError, match="not evenly spaced"):
@@ -329,23 +414,63 @@ def arrays(tmp_path_factory, small) -> dict[str, object]:
     root = tmp_path_factory.mktemp("arrays")
     env = job_env()
     jobs = {}
-    jobs["label"] = sbatch("--array=0-1", "-o", f"{root}/label-%A_%a.out", "slurm/label.sbatch", str(small["label"]),
-                           f"output.out_dir={root / 'store'}", env=env)
-    jobs["preprocess"] = sbatch("--array=0-2", "-o", f"{root}/pre-%A_%a.out", "slurm/preprocess.sbatch",
-                                *map(str, DEMO_BOOKS), "--strip-gutenberg", "--seq-len", "64", "--shard-tokens",
-                                "60000", "--out", str(root / "corpus"), env=env)
-    jobs["distill4"] = sbatch("-N", "2", "--ntasks-per-node=2", "-o", f"{root}/distill4-%j.out",
-                              "slurm/distill.sbatch", str(small["distill"]), f"run.out_dir={root / 'distill4'}",
-                              env=env)
+    jobs["label"] = sbatch(
+        "--array=0-1",
+        "-o",
+        f"{root}/label-%A_%a.out",
+        "slurm/label.sbatch",
+        str(small["label"]),
+        f"output.out_dir={root / 'store'}",
+        env=env,
+    )
+    jobs["preprocess"] = sbatch(
+        "--array=0-2",
+        "-o",
+        f"{root}/pre-%A_%a.out",
+        "slurm/preprocess.sbatch",
+        *map(str, DEMO_BOOKS),
+        "--strip-gutenberg",
+        "--seq-len",
+        "64",
+        "--shard-tokens",
+        "60000",
+        "--out",
+        str(root / "corpus"),
+        env=env,
+    )
+    jobs["distill4"] = sbatch(
+        "-N",
+        "2",
+        "--ntasks-per-node=2",
+        "-o",
+        f"{root}/distill4-%j.out",
+        "slurm/distill.sbatch",
+        str(small["distill"]),
+        f"run.out_dir={root / 'distill4'}",
+        env=env,
+    )
     # a 2-task allocation whose script starts Python without srun: refused at start-up, not after a timeout
-    jobs["no_srun"] = sbatch("-N", "2", "--ntasks-per-node=1", "-o", f"{root}/no-srun-%j.out", "--wrap",
-                             f"{sys.executable} -m trainer.cli distill {small['distill']} run.out_dir={root / 'x'}",
-                             env=env)
+    jobs["no_srun"] = sbatch(
+        "-N",
+        "2",
+        "--ntasks-per-node=1",
+        "-o",
+        f"{root}/no-srun-%j.out",
+        "--wrap",
+        f"{sys.executable} -m trainer.cli distill {small['distill']} run.out_dir={root / 'x'}",
+        env=env,
+    )
     # submitted from a directory without slurm/: the spooled script finds common.sh through the installed package
     elsewhere = root / "elsewhere"
     elsewhere.mkdir()
-    jobs["elsewhere"] = sbatch("-o", f"{root}/elsewhere-%j.out", str(ROOT / "slurm" / "wellread.sbatch"), "models",
-                               env={**env, "PYTHONPATH": ""}, cwd=elsewhere)
+    jobs["elsewhere"] = sbatch(
+        "-o",
+        f"{root}/elsewhere-%j.out",
+        str(ROOT / "slurm" / "wellread.sbatch"),
+        "models",
+        env={**env, "PYTHONPATH": ""},
+        cwd=elsewhere,
+    )
     yield {"root": root, "jobs": jobs}
     subprocess.run(["scancel", *jobs.values()], capture_output=True)
 
@@ -399,8 +524,9 @@ def test_labeling_array_writes_a_complete_verified_store(arrays, small):
     assert np.array_equal(got["example_ids"], ids) and np.array_equal(got["gold"], want["gold"])
     # Other batch compositions (so other paddings) than the one-process labeler: the fp32 logits differ by rounding
     # (~1e-6 relative), and the store keeps float16, whose spacing is 2^-10 relative: at most one fp16 step apart.
-    np.testing.assert_allclose(got["logits"].astype(np.float32), want["logits"].astype(np.float32),
-                               rtol=2.0**-10, atol=1e-4)
+    np.testing.assert_allclose(
+        got["logits"].astype(np.float32), want["logits"].astype(np.float32), rtol=2.0**-10, atol=1e-4
+    )
 
 
 @pytest.mark.slow
@@ -423,8 +549,13 @@ def test_preprocessing_array_equals_one_process_and_the_grid_array_trains_on_it(
     from trainer.data.preprocess import PackOptions, preprocess
     from trainer.data.text_sources import SourceSpec
 
-    one = preprocess(SourceSpec(files=list(DEMO_BOOKS), strip_gutenberg=True), tmp_path / "one", None,
-                     PackOptions(seq_len=64, shard_tokens=60_000), progress=False)
+    one = preprocess(
+        SourceSpec(files=list(DEMO_BOOKS), strip_gutenberg=True),
+        tmp_path / "one",
+        None,
+        PackOptions(seq_len=64, shard_tokens=60_000),
+        progress=False,
+    )
     wait_jobs(arrays["jobs"]["preprocess"])
     root = arrays["root"]
     logs = "".join(log_of(p) for p in sorted(root.glob("pre-*.out")))
@@ -443,14 +574,20 @@ def test_preprocessing_array_equals_one_process_and_the_grid_array_trains_on_it(
     # the pre-training grid as an array: two models, one per task, on the merged corpus
     recipe = tmp_path / "pretrain.yaml"
     recipe.write_text(f"""
-data: {{train: {root / 'corpus'}, verify: size}}
+data: {{train: {root / "corpus"}, verify: size}}
 model: {{dropout: 0.0}}
 train: {{steps: 3, micro_batch: 8, global_batch: 8, lr: 1.0e-3, warmup_steps: 1}}
 engine: {{ds_config: zero0}}
-run: {{out_dir: {tmp_path / 'grid'}, log_every: 1, tensorboard: false}}
+run: {{out_dir: {tmp_path / "grid"}, log_every: 1, tensorboard: false}}
 """)
-    job = sbatch("--array=0-1", "-o", f"{tmp_path}/grid-%A_%a.out", "slurm/pretrain_grid.sbatch", str(recipe),
-                 env=job_env(WELLREAD_MODELS="bert-L2-H128,bert-L4-H128"))
+    job = sbatch(
+        "--array=0-1",
+        "-o",
+        f"{tmp_path}/grid-%A_%a.out",
+        "slurm/pretrain_grid.sbatch",
+        str(recipe),
+        env=job_env(WELLREAD_MODELS="bert-L2-H128,bert-L4-H128"),
+    )
     wait_jobs(job)
     logs = "".join(log_of(p) for p in sorted(tmp_path.glob("grid-*.out")))
     assert states(job) == ["COMPLETED", "COMPLETED"], logs[-4000:]
@@ -466,8 +603,18 @@ def test_preempted_then_requeued_job_resumes_to_the_uninterrupted_losses(small, 
     """scancel --signal=USR1 (what --signal=USR1@T sends before the time limit): checkpoint, exit 75, the job
     requeues itself. Then `scontrol requeue` (SIGTERM, Slurm requeues): checkpoint, exit. Both resume."""
     out, log = tmp_path / "run", tmp_path / "job.out"
-    job = sbatch("-N", "2", "--ntasks-per-node=1", "-o", str(log), "slurm/distill.sbatch", str(small["distill"]),
-                 f"run.out_dir={out}", "train.micro_batch=32", "debug.step_sleep=1.0")
+    job = sbatch(
+        "-N",
+        "2",
+        "--ntasks-per-node=1",
+        "-o",
+        str(log),
+        "slurm/distill.sbatch",
+        str(small["distill"]),
+        f"run.out_dir={out}",
+        "train.micro_batch=32",
+        "debug.step_sleep=1.0",
+    )
     try:
         wait_for(lambda: max(metrics(out), default=0) >= 2, "step 2 of the first run", job=job)
         subprocess.run(["scancel", "--signal=USR1", job], check=True)
@@ -499,28 +646,55 @@ def study_yaml(path: Path, out: Path, methods: list[str], books: int = 1, **teac
     small_train = {"micro_batch": 32, "global_batch": 32, "lr": 1e-3, "warmup_steps": 1}
     run_cfg = {"log_every": 1, "tensorboard": True}
     recipe = {
-        "study": {"out_dir": str(out), "task": "sst2", "data_root": str(FIXTURE_DATA), "students": ["bert-L2-H128"],
-                  "methods": methods, "seeds": [1], "evaluation": "command"},
+        "study": {
+            "out_dir": str(out),
+            "task": "sst2",
+            "data_root": str(FIXTURE_DATA),
+            "students": ["bert-L2-H128"],
+            "methods": methods,
+            "seeds": [1],
+            "evaluation": "command",
+        },
         "corpus": {"files": [str(b) for b in DEMO_BOOKS[:books]], "strip_gutenberg": True, "seq_len": 64},
-        "pretrain": {"model": {"dropout": 0.0}, "data": {"verify": "size"},
-                     "train": {**small_train, "steps": 3, "micro_batch": 8, "global_batch": 8},
-                     "engine": {"ds_config": "zero0"}, "run": run_cfg},
-        "teacher": {"init": "bert-L2-H128", "finetune": {
-            "data": {"max_seq_len": 32, "max_train_examples": 64},
-            "train": {**small_train, "epochs": 1, **teacher_extra.pop("train", {})},
-            "engine": {"ds_config": "zero0"}, "run": run_cfg, **teacher_extra}},
+        "pretrain": {
+            "model": {"dropout": 0.0},
+            "data": {"verify": "size"},
+            "train": {**small_train, "steps": 3, "micro_batch": 8, "global_batch": 8},
+            "engine": {"ds_config": "zero0"},
+            "run": run_cfg,
+        },
+        "teacher": {
+            "init": "bert-L2-H128",
+            "finetune": {
+                "data": {"max_seq_len": 32, "max_train_examples": 64},
+                "train": {**small_train, "epochs": 1, **teacher_extra.pop("train", {})},
+                "engine": {"ds_config": "zero0"},
+                "run": run_cfg,
+                **teacher_extra,
+            },
+        },
         "transfer": {"task": "sst2", "task_split": "train", "data_root": str(FIXTURE_DATA), "max_examples": 96},
         "label": {"output": {"max_seq_len": 32, "batch_size": 64, "part_examples": 32}},
-        "distill": {"data": {"verify": "size"}, "train": {**small_train, "epochs": 1},
-                    "engine": {"ds_config": "zero0"}, "run": run_cfg},
+        "distill": {
+            "data": {"verify": "size"},
+            "train": {**small_train, "epochs": 1},
+            "engine": {"ds_config": "zero0"},
+            "run": run_cfg,
+        },
     }
     path.write_text(yaml.safe_dump(recipe))
     return path
 
 
 def submit_pipeline(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(ROOT / "slurm" / "submit_pipeline.sh"), *args], cwd=ROOT, capture_output=True,
-                          text=True, env=job_env(), timeout=600)
+    return subprocess.run(
+        [str(ROOT / "slurm" / "submit_pipeline.sh"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=job_env(),
+        timeout=600,
+    )
 
 
 def submitted_jobs(stdout: str) -> dict[str, str]:
@@ -532,14 +706,16 @@ def test_dry_run_orders_the_jobs_and_chains_them(tmp_path):
     out = tmp_path / "study"
     recipe = study_yaml(tmp_path / "s.yaml", out, ["kd", "pd"])
     proc = submit_pipeline(str(recipe), "--dry-run")
-    one_line_error(proc, "runs/kd/bert-L2-H128/nall/s1/lr-recipe (distill) on 2 rank(s)",
-                   "global_batch=32 is not a multiple")  # slurm/distill.sbatch asks for 2 nodes
+    one_line_error(
+        proc, "runs/kd/bert-L2-H128/nall/s1/lr-recipe (distill) on 2 rank(s)", "global_batch=32 is not a multiple"
+    )  # slurm/distill.sbatch asks for 2 nodes
     proc = submit_pipeline(str(recipe), "--dry-run", "--sbatch", "distill=-N 1")
     assert proc.returncode == 0, proc.stderr
     kinds = re.findall(r"^  job <(\d+)>\s+(\S+)\s+(\d+) task\(s\)\s+after (\S+)", proc.stdout, re.M)
     order = [k for _, k, _, _ in kinds]
-    assert order == ["preprocess", "finetune", "pretrain", "label", "finalize", "distill", "evaluate", "report"], \
+    assert order == ["preprocess", "finetune", "pretrain", "label", "finalize", "distill", "evaluate", "report"], (
         proc.stdout
+    )
     by_kind = {k: (int(i), int(n), after) for i, k, n, after in kinds}
     assert by_kind["label"][1] == 2 and by_kind["distill"][1] == 2, "two shards; kd and pd in one array"
     assert by_kind["finalize"][2] == f"<{by_kind['label'][0]}>"
@@ -562,8 +738,17 @@ def test_submit_pipeline_runs_the_study_to_its_results_table(tmp_path):
     proc = submit_pipeline(str(recipe), "--sbatch", "distill=-N 1", "--preprocess-tasks", "2")
     assert proc.returncode == 0, proc.stderr
     jobs = submitted_jobs(proc.stdout)
-    assert set(jobs) == {"preprocess", "merge", "finetune", "pretrain", "label", "finalize", "distill", "evaluate",
-                         "report"}
+    assert set(jobs) == {
+        "preprocess",
+        "merge",
+        "finetune",
+        "pretrain",
+        "label",
+        "finalize",
+        "distill",
+        "evaluate",
+        "report",
+    }
     try:
         wait_jobs(*jobs.values())
     finally:
@@ -586,8 +771,9 @@ def test_submit_pipeline_runs_the_study_to_its_results_table(tmp_path):
 @pytest.mark.slurm
 def test_a_failing_stage_cancels_its_dependents(tmp_path):
     out = tmp_path / "study"
-    recipe = study_yaml(tmp_path / "s.yaml", out, ["kd"], train={"max_nonfinite_in_a_row": 1},
-                        debug={"nan_at_steps": [1]})
+    recipe = study_yaml(
+        tmp_path / "s.yaml", out, ["kd"], train={"max_nonfinite_in_a_row": 1}, debug={"nan_at_steps": [1]}
+    )
     proc = submit_pipeline(str(recipe), "--sbatch", "distill=-N 1")
     assert proc.returncode == 0, proc.stderr
     jobs = submitted_jobs(proc.stdout)

@@ -20,8 +20,12 @@ from trainer.data.softlabels import (
 )
 from trainer.errors import UserError
 
-HEADER = {"tokenizer_hash": "a" * 64, "transfer_fingerprint": "b" * 64,
-          "teacher": {"config_sha256": "c" * 64, "weights_sha256": "d" * 64}, "command": ["wellread", "label"]}
+HEADER = {
+    "tokenizer_hash": "a" * 64,
+    "transfer_fingerprint": "b" * 64,
+    "teacher": {"config_sha256": "c" * 64, "weights_sha256": "d" * 64},
+    "command": ["wellread", "label"],
+}
 C = 3
 K = 4
 
@@ -62,8 +66,15 @@ def write_cls(store: Path, n: int = 301, world: int = 2, part_examples: int = 64
     return finalize(store, HEADER, expected)
 
 
-def write_mlm(store: Path, n: int, vocab: int, writer: SoftLabelWriter | None = None, start: int = 0,
-              stop: int | None = None, close: bool = True) -> SoftLabelWriter:
+def write_mlm(
+    store: Path,
+    n: int,
+    vocab: int,
+    writer: SoftLabelWriter | None = None,
+    start: int = 0,
+    stop: int | None = None,
+    close: bool = True,
+) -> SoftLabelWriter:
     ids, tokens, top_ids, top_lp = mlm_data(n, vocab)
     w = writer or SoftLabelWriter(store, wid(0, 1), "mlm", k=K, vocab_size=vocab, part_examples=16)
     stop = n if stop is None else stop
@@ -117,8 +128,16 @@ def test_cls_states_round_trip_for_patient_kd(tmp_path):
     ids, logits, gold = cls_data(101)
     states = np.random.default_rng(3).normal(0, 2, size=(101, 2, 8))
     for r in range(2):
-        with SoftLabelWriter(tmp_path / "s", wid(r), "classification", num_classes=C, part_examples=32,
-                             cls_layers=[2, 4], hidden_size=8, teacher_layers=4) as w:
+        with SoftLabelWriter(
+            tmp_path / "s",
+            wid(r),
+            "classification",
+            num_classes=C,
+            part_examples=32,
+            cls_layers=[2, 4],
+            hidden_size=8,
+            teacher_layers=4,
+        ) as w:
             mine = ids[r::2]
             w.add_classification(mine, logits[mine], gold[mine], states[mine])
     manifest = finalize(tmp_path / "s", HEADER, 101)
@@ -132,8 +151,9 @@ def test_cls_states_round_trip_for_patient_kd(tmp_path):
     assert (b["cls"] == states[idx].astype(np.float16).astype(np.float32)).all()
     assert "cls" not in SoftLabelStore(write_cls(tmp_path / "plain") and tmp_path / "plain").batch(idx)
 
-    w = SoftLabelWriter(tmp_path / "t", wid(0, 1), "classification", num_classes=C, cls_layers=[1], hidden_size=8,
-                        teacher_layers=2)
+    w = SoftLabelWriter(
+        tmp_path / "t", wid(0, 1), "classification", num_classes=C, cls_layers=[1], hidden_size=8, teacher_layers=2
+    )
     with pytest.raises(ValueError, match="exactly when"):
         w.add_classification(ids[:2], logits[:2])
     with pytest.raises(ValueError, match=r"shape \(2, 2, 8\), expected \(2, 1, 8\)"):
@@ -141,8 +161,9 @@ def test_cls_states_round_trip_for_patient_kd(tmp_path):
     with pytest.raises(UserError, match="NaN/inf"):
         w.add_classification(ids[:1], logits[:1], None, np.full((1, 1, 8), 1e6))
     with pytest.raises(ValueError, match="increasing teacher layers in 1..2"):
-        SoftLabelWriter(tmp_path / "u", wid(0, 1), "classification", num_classes=C, cls_layers=[3], hidden_size=8,
-                        teacher_layers=2)
+        SoftLabelWriter(
+            tmp_path / "u", wid(0, 1), "classification", num_classes=C, cls_layers=[3], hidden_size=8, teacher_layers=2
+        )
 
 
 def test_reader_keeps_few_files_open(tmp_path):
@@ -262,8 +283,11 @@ def test_finalize_refuses_duplicate_missing_and_foreign_ids(tmp_path):
     for r, chunk in enumerate((ids[:60], ids[50:])):  # ids 50..59 twice
         with SoftLabelWriter(tmp_path / "dup", wid(r), "classification", num_classes=C, part_examples=32) as w:
             w.add_classification(chunk, logits[chunk])
-    with pytest.raises(UserError, match=r"example id 50 is labeled twice, in shard part-j0000of0001-r00of02-00001 "
-                                        r"and shard part-j0000of0001-r01of02-00000 \(10 duplicate"):
+    with pytest.raises(
+        UserError,
+        match=r"example id 50 is labeled twice, in shard part-j0000of0001-r00of02-00001 "
+        r"and shard part-j0000of0001-r01of02-00000 \(10 duplicate",
+    ):
         finalize(tmp_path / "dup", HEADER, 100)
     with SoftLabelWriter(tmp_path / "gap", wid(0), "classification", num_classes=C) as w:
         keep = np.setdiff1d(ids, [17, 42])
@@ -299,13 +323,17 @@ def test_two_class_store_costs_at_most_16_bytes_per_example(tmp_path):
     logits, gold = rng.normal(0, 2, size=(n, c)), rng.integers(-1, c, size=n)
     with SoftLabelWriter(tmp_path, wid(0, 1), "classification", num_classes=c, part_examples=8192) as w:
         for a in range(0, n, 2048):
-            w.add_classification(np.arange(a, min(a + 2048, n)), logits[a:a + 2048], gold[a:a + 2048])
+            w.add_classification(np.arange(a, min(a + 2048, n)), logits[a : a + 2048], gold[a : a + 2048])
     manifest = finalize(tmp_path, HEADER, n)
     assert data_bytes(tmp_path) == {"ids": 4 * n, "gold": n, "logits": 2 * c * n, "order": 4 * n}
     total = sum(p.stat().st_size for p in tmp_path.iterdir() if p.is_file())
     assert total / n <= 16, f"{total / n:.2f} bytes per example"
-    assert manifest["totals"]["bytes"] + (tmp_path / MANIFEST).stat().st_size + sum(
-        p.stat().st_size for p in tmp_path.glob("part-*.json")) == total
+    assert (
+        manifest["totals"]["bytes"]
+        + (tmp_path / MANIFEST).stat().st_size
+        + sum(p.stat().st_size for p in tmp_path.glob("part-*.json"))
+        == total
+    )
     store = SoftLabelStore(tmp_path)
     idx = rng.permutation(n)[:1000]
     b = store.batch(idx)
@@ -344,16 +372,20 @@ def test_older_format_versions_are_refused_by_name(tmp_path):
     write_cls(tmp_path / "s")
     manifest = json.loads((tmp_path / "s" / MANIFEST).read_text())
     (tmp_path / "s" / MANIFEST).write_text(json.dumps({**manifest, "version": 1}))
-    with pytest.raises(UserError, match="soft-label store of format version 1, this wellread reads version 2; "
-                                        "re-run `wellread label`"):
+    with pytest.raises(
+        UserError, match="soft-label store of format version 1, this wellread reads version 2; re-run `wellread label`"
+    ):
         SoftLabelStore(tmp_path / "s")
     (tmp_path / "s" / MANIFEST).write_text(json.dumps(manifest))
     victim = sorted((tmp_path / "s").glob("part-*-00000.ids.bin"))[0]
     raw = bytearray(victim.read_bytes())
     raw[8:12] = struct.pack("<I", 1)  # the header's version field
     victim.write_bytes(bytes(raw))
-    with pytest.raises(UserError, match=rf"{victim.name}: soft-label shard .* format version 1, this wellread reads "
-                                        r"version 2"):
+    with pytest.raises(
+        UserError,
+        match=rf"{victim.name}: soft-label shard .* format version 1, this wellread reads "
+        r"version 2",
+    ):
         SoftLabelStore(tmp_path / "s", verify="size")
 
     part = tmp_path / "resume"  # a writer resuming beside a version-1 part refuses rather than redoing it
@@ -378,8 +410,9 @@ def test_corpus_shards_and_store_parts_share_one_header(tmp_path, tokenizer):
 
     src = tmp_path / "doc.txt"
     src.write_text("one short document.\n\nand another one here.\n")
-    preprocess(SourceSpec(files=[src], doc_mode="blank_line"), tmp_path / "c", None, PackOptions(seq_len=16),
-               progress=False)
+    preprocess(
+        SourceSpec(files=[src], doc_mode="blank_line"), tmp_path / "c", None, PackOptions(seq_len=16), progress=False
+    )
     tokens = binfile.read_array(tmp_path / "c" / "shard-00000.bin", indexed.MAGIC, indexed.VERSION, "corpus")
     assert tokens.dtype == binfile.token_dtype(tokenizer.get_vocab_size())
     write_cls(tmp_path / "s")
@@ -449,8 +482,10 @@ def test_counting_other_writers_progress_leaves_their_files_alone(tmp_path):
         w.add_classification(ids[:20], logits[:20])
     running = SoftLabelWriter(tmp_path, wid(1), "classification", num_classes=C, part_examples=10)
     running.add_classification(ids[20:30], logits[20:30])  # one part published, the writer still open
-    in_flight = [tmp_path / f".part-{wid(1)}-00001.logits.bin.4242.tmp",  # being written
-                 tmp_path / f"part-{wid(1)}-00001.ids.bin"]  # renamed, its sidecar not yet
+    in_flight = [
+        tmp_path / f".part-{wid(1)}-00001.logits.bin.4242.tmp",  # being written
+        tmp_path / f"part-{wid(1)}-00001.ids.bin",
+    ]  # renamed, its sidecar not yet
     for path in in_flight:
         path.write_bytes(b"x")
     assert sum(p["examples"] for p in _all_parts(tmp_path)) == 30

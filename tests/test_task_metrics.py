@@ -69,8 +69,9 @@ def test_f1_known_values_and_edge_cases():
     assert f1([0, 1], [0, 0], positive=0) == pytest.approx(2 / 3)
 
 
-@pytest.mark.parametrize("counts", [(6, 3, 1, 2), (10, 10, 0, 0), (0, 0, 4, 4), (5, 0, 3, 0), (0, 7, 0, 2),
-                                    (90, 5, 4, 1)])
+@pytest.mark.parametrize(
+    "counts", [(6, 3, 1, 2), (10, 10, 0, 0), (0, 0, 4, 4), (5, 0, 3, 0), (0, 7, 0, 2), (90, 5, 4, 1)]
+)
 def test_mcc_binary_matches_the_confusion_matrix_formula(counts):
     preds, labels = confusion(*counts)
     assert matthews_corrcoef(preds, labels) == pytest.approx(mcc_binary_formula(*counts), abs=1e-12)
@@ -151,8 +152,11 @@ def test_compute_metrics_per_task():
     spec = builtin_task("rte")
     assert compute_metrics(spec, preds, labels) == {"accuracy": 0.6}
     spec.name, spec.labels = "my_scores", None
-    assert set(compute_metrics(spec, [0.5, 0.2, 0.9], [1.0, 0.0, 2.0])) == {"pearson", "spearman",
-                                                                             "pearson_and_spearman"}
+    assert set(compute_metrics(spec, [0.5, 0.2, 0.9], [1.0, 0.0, 2.0])) == {
+        "pearson",
+        "spearman",
+        "pearson_and_spearman",
+    }
     assert primary_metric(spec) == "pearson"
 
 

@@ -114,8 +114,9 @@ def test_fixtures_are_exact_slices_of_the_real_files(real_data):
 def test_real_files_end_as_documented(real_data):
     """Last rows of the full files (the slices hold the first rows, or the last ones for CoLA dev)."""
     train = load(real_data, "sst2", "train").examples
-    assert train[-1].text_a == ("this new jangle of noise , mayhem and stupidity must be a serious contender "
-                                "for the title . ")
+    assert train[-1].text_a == (
+        "this new jangle of noise , mayhem and stupidity must be a serious contender for the title . "
+    )
     assert line_of(train[-1]) == 67_350
     last = load(real_data, "rte", "dev").examples[-1]
     assert last.text_a.startswith('Danny Kennedy, Greenpeace campaigns director, said: "The burden')
@@ -123,19 +124,21 @@ def test_real_files_end_as_documented(real_data):
     assert last.text_b == "Greenpeace director said that peace is terrorism." and last.label == 1
     assert line_of(last) == 278
     dev_path = real_data / "glue/CoLA/dev.tsv"
-    assert load(real_data, "cola", "dev").examples[-1] == Example("John talked to Bill about himself.", None, 1,
-                                                                  f"{dev_path}:1043")
+    assert load(real_data, "cola", "dev").examples[-1] == Example(
+        "John talked to Bill about himself.", None, 1, f"{dev_path}:1043"
+    )
     books = load(real_data, "amazon_books", "train").examples
     last = books[-1]
-    assert last.text_a.startswith('We Love This Book!\n\tPretty much all of the Todd Parr books') and last.label == 1
+    assert last.text_a.startswith("We Love This Book!\n\tPretty much all of the Todd Parr books") and last.label == 1
     physical = gzip.open(real_data / "amazon-books-blitzer/autoprompt_split/train.tsv.gz").read().split(b"\n")
     assert physical[line_of(last) - 1].startswith(b'"We Love This Book!')  # records end in CRLF, inner lines LF
 
 
 def test_sst2_rows_keep_trailing_space_and_label():
     train = load(FIXTURE_DATA, "sst2", "train").examples
-    assert train[0] == Example("hide new secretions from the parental units ", None, 0,
-                               f"{FIXTURE_DATA / 'glue/SST-2/train.tsv.gz'}:2")
+    assert train[0] == Example(
+        "hide new secretions from the parental units ", None, 0, f"{FIXTURE_DATA / 'glue/SST-2/train.tsv.gz'}:2"
+    )
     assert all(e.text_a.endswith(" ") for e in train)  # train sentences end in a space before the tab
     assert line_of(train[-1]) == 2_401
     dev = load(FIXTURE_DATA, "sst2", "dev").examples
@@ -156,8 +159,9 @@ def test_rte_quotes_survive_and_string_labels_map_by_position():
 def test_mrpc_header_bom_and_sentence_pair():
     assert (FIXTURE_DATA / "glue/MRPC/train.tsv").read_bytes().startswith(b"\xef\xbb\xbfQuality\t")
     first = load(FIXTURE_DATA, "mrpc", "train").examples[0]
-    assert first.text_a == ('Amrozi accused his brother , whom he called " the witness " , of deliberately '
-                            "distorting his evidence .")
+    assert first.text_a == (
+        'Amrozi accused his brother , whom he called " the witness " , of deliberately distorting his evidence .'
+    )
     assert first.text_b.startswith('Referring to him as only " the witness " , Amrozi')
     assert first.label == 1
     # Without utf-8-sig the BOM glues onto the first header name and the label column is not found.
@@ -220,13 +224,16 @@ def rte_like(tmp_path: Path, rows: list[str], name: str = "train.tsv", **kw) -> 
 GOOD = "0\tA man sleeps.\tSomeone sleeps.\tentailment"
 
 
-@pytest.mark.parametrize(("row", "message"), [
-    ("1\tA man sleeps.\tSomeone sleeps.\tmaybe", "label 'maybe' not in [entailment, not_entailment]"),
-    ("1\tA man sleeps.\tentailment", "expected 4 fields, got 3"),
-    ("1\tA\tB\tentailment\textra", "expected 4 fields, got 5"),
-    ("1\t  \tSomeone sleeps.\tentailment", "empty text in column 'sentence1'"),
-    ("1\tA man sleeps.\t\tnot_entailment", "empty text in column 'sentence2'"),
-])
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ("1\tA man sleeps.\tSomeone sleeps.\tmaybe", "label 'maybe' not in [entailment, not_entailment]"),
+        ("1\tA man sleeps.\tentailment", "expected 4 fields, got 3"),
+        ("1\tA\tB\tentailment\textra", "expected 4 fields, got 5"),
+        ("1\t  \tSomeone sleeps.\tentailment", "empty text in column 'sentence1'"),
+        ("1\tA man sleeps.\t\tnot_entailment", "empty text in column 'sentence2'"),
+    ],
+)
 def test_bad_row_is_a_one_line_error_with_file_and_line(tmp_path, row, message):
     spec = rte_like(tmp_path, [GOOD, GOOD, row, GOOD])
     with pytest.raises(UserError) as err:
@@ -236,13 +243,20 @@ def test_bad_row_is_a_one_line_error_with_file_and_line(tmp_path, row, message):
 
 
 def test_skip_bad_rows_counts_by_reason(tmp_path):
-    rows = [GOOD, "1\tx\ty\tmaybe", "2\tx\tentailment", "3\t \ty\tentailment", "4\tx\ty\tMAYBE", "",
-            "5\tB.\tC.\tnot_entailment", "6\tx\ty\tz\tentailment"]
+    rows = [
+        GOOD,
+        "1\tx\ty\tmaybe",
+        "2\tx\tentailment",
+        "3\t \ty\tentailment",
+        "4\tx\ty\tMAYBE",
+        "",
+        "5\tB.\tC.\tnot_entailment",
+        "6\tx\ty\tz\tentailment",
+    ]
     loaded = load_split(rte_like(tmp_path, rows, skip_bad_rows=True), "train")
     assert [(e.text_a, e.label, line_of(e)) for e in loaded.examples] == [("A man sleeps.", 0, 2), ("B.", 1, 8)]
     assert loaded.skipped == 5  # the blank line is ignored, not counted
-    assert loaded.skipped_reasons == {"bad label": 2, "missing column": 1, "empty text": 1,
-                                      "wrong number of fields": 1}
+    assert loaded.skipped_reasons == {"bad label": 2, "missing column": 1, "empty text": 1, "wrong number of fields": 1}
 
 
 def test_missing_file_split_and_column_are_one_line_errors(tmp_path):
@@ -265,55 +279,91 @@ def test_missing_file_split_and_column_are_one_line_errors(tmp_path):
 def test_headerless_rows_and_gzip(tmp_path):
     path = tmp_path / "cola.tsv.gz"
     with gzip.open(path, "wt", encoding="utf-8") as f:
-        f.write("src\t1\nsrc\t1\t\tGood \"quoted\" one.\nsrc\t0\t*\tBad one.\nsrc\t1\t\tfour\textra\n"
-                "src\t1\tonly three")
+        f.write('src\t1\nsrc\t1\t\tGood "quoted" one.\nsrc\t0\t*\tBad one.\nsrc\t1\t\tfour\textra\nsrc\t1\tonly three')
     spec = builtin_task("cola")
     spec.train = str(path)
     with pytest.raises(UserError, match="^" + re.escape(f"{path}:1: no column 3 (row has 2 fields)") + "$"):
         load_split(spec, "train")
     spec.skip_bad_rows = True
     loaded = load_split(spec, "train")  # the first *complete* row fixes the width (4), not a broken first row
-    assert [(e.text_a, e.label, line_of(e)) for e in loaded.examples] == [('Good "quoted" one.', 1, 2),
-                                                                         ("Bad one.", 0, 3)]
+    assert [(e.text_a, e.label, line_of(e)) for e in loaded.examples] == [
+        ('Good "quoted" one.', 1, 2),
+        ("Bad one.", 0, 3),
+    ]
     assert loaded.skipped_reasons == {"missing column": 2, "wrong number of fields": 1}
 
 
 def test_generic_jsonl_spec_with_column_mapping(tmp_path):
-    rows = [{"review": "Great.", "summary": "ok", "stars": 1}, {"review": "Awful.", "summary": "no", "stars": "0"},
-            {"review": "Meh.", "summary": "hm", "stars": 1.0}]
+    rows = [
+        {"review": "Great.", "summary": "ok", "stars": 1},
+        {"review": "Awful.", "summary": "no", "stars": "0"},
+        {"review": "Meh.", "summary": "hm", "stars": 1.0},
+    ]
     path = tmp_path / "reviews.jsonl.gz"
     with gzip.open(path, "wt", encoding="utf-8") as f:
         f.write("\n".join(json.dumps(r) for r in rows[:2]) + "\n\n" + json.dumps(rows[2]) + "\n")
-    spec = from_dict(TaskSpec, {"name": "reviews", "format": "jsonl", "train": "reviews.jsonl.gz",
-                                "text_a": "review", "text_b": "summary", "label": "stars"})
+    spec = from_dict(
+        TaskSpec,
+        {
+            "name": "reviews",
+            "format": "jsonl",
+            "train": "reviews.jsonl.gz",
+            "text_a": "review",
+            "text_b": "summary",
+            "label": "stars",
+        },
+    )
     loaded = load_split(spec, "train", tmp_path)
     assert [(e.text_a, e.text_b, e.label, line_of(e)) for e in loaded.examples] == [
-        ("Great.", "ok", 1, 1), ("Awful.", "no", 0, 2), ("Meh.", "hm", 1, 4)]
+        ("Great.", "ok", 1, 1),
+        ("Awful.", "no", 0, 2),
+        ("Meh.", "hm", 1, 4),
+    ]
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"review": "x", "summary": "y", "stars": 1}\n{"review": "x", "stars": 1}\n'
-                   '{"review": "x", "summary": "y", "stars": 2}\n{"review": null, "summary": "y", "stars": 1}\n'
-                   'not json\n[1, 2]\n{"review": 5, "summary": "y", "stars": 1}\n')
+    bad.write_text(
+        '{"review": "x", "summary": "y", "stars": 1}\n{"review": "x", "stars": 1}\n'
+        '{"review": "x", "summary": "y", "stars": 2}\n{"review": null, "summary": "y", "stars": 1}\n'
+        'not json\n[1, 2]\n{"review": 5, "summary": "y", "stars": 1}\n'
+    )
     spec.train = str(bad)
     with pytest.raises(UserError, match="^" + re.escape(f"{bad}:2: missing key 'summary'") + "$"):
         load_split(spec, "train")
     spec.skip_bad_rows = True
     loaded = load_split(spec, "train")
     assert len(loaded.examples) == 1
-    assert loaded.skipped_reasons == {"missing column": 1, "bad label": 1, "empty text": 1, "invalid json": 2,
-                                      "text not a string": 1}
+    assert loaded.skipped_reasons == {
+        "missing column": 1,
+        "bad label": 1,
+        "empty text": 1,
+        "invalid json": 2,
+        "text not a string": 1,
+    }
 
 
 def test_generic_csv_spec_with_real_quoting(tmp_path):
     path = tmp_path / "pairs.csv"
-    path.write_text('id,question,answer,verdict\n'
-                    '1,"Is it, really?","Yes.\nReally ""yes"".",good\n'
-                    '2,Plain,Text,bad\n', encoding="utf-8")
-    spec = from_dict(TaskSpec, {"name": "pairs", "format": "csv", "dev": str(path), "text_a": "question",
-                                "text_b": "answer", "label": "verdict", "labels": ["bad", "good"]})
+    path.write_text(
+        'id,question,answer,verdict\n1,"Is it, really?","Yes.\nReally ""yes"".",good\n2,Plain,Text,bad\n',
+        encoding="utf-8",
+    )
+    spec = from_dict(
+        TaskSpec,
+        {
+            "name": "pairs",
+            "format": "csv",
+            "dev": str(path),
+            "text_a": "question",
+            "text_b": "answer",
+            "label": "verdict",
+            "labels": ["bad", "good"],
+        },
+    )
     assert spec.resolved_quoting() == "csv"  # the format's natural default
     loaded = load_split(spec, "dev")
-    assert loaded.examples == [Example("Is it, really?", 'Yes.\nReally "yes".', 1, f"{path}:2"),
-                               Example("Plain", "Text", 0, f"{path}:4")]
+    assert loaded.examples == [
+        Example("Is it, really?", 'Yes.\nReally "yes".', 1, f"{path}:2"),
+        Example("Plain", "Text", 0, f"{path}:4"),
+    ]
 
 
 def test_generic_spec_from_yaml_file(tmp_path):
@@ -321,8 +371,9 @@ def test_generic_spec_from_yaml_file(tmp_path):
     (data / "mine").mkdir(parents=True)
     (data / "mine" / "train.tsv").write_text("text\ttag\nfirst one\tneg\nsecond one\tpos\nthird\tneu\n")
     spec_file = tmp_path / "mytask.yaml"
-    spec_file.write_text("name: mine\nformat: tsv\ntrain: mine/train.tsv\ntext_a: text\nlabel: tag\n"
-                         "labels: [neg, neu, pos]\n")
+    spec_file.write_text(
+        "name: mine\nformat: tsv\ntrain: mine/train.tsv\ntext_a: text\nlabel: tag\nlabels: [neg, neu, pos]\n"
+    )
     spec = resolve_task(str(spec_file))
     assert spec.num_labels == 3 and not spec.is_regression
     loaded = load_split(spec, "train", data)
@@ -340,10 +391,12 @@ def test_generic_spec_from_yaml_file(tmp_path):
 def test_regression_spec_on_synthetic_stsb(tmp_path):
     d = tmp_path / "glue" / "STS-B"
     d.mkdir(parents=True)
-    (d / "train.tsv").write_text("genre\tsentence1\tsentence2\tscore\n"
-                                 "main\tA plane is taking off.\tAn air plane is taking off.\t5.000\n"
-                                 "main\tA man plays a flute.\tA man plays a bamboo flute.\t3.800\n"
-                                 "main\tA cat.\tA dog.\t0\n")
+    (d / "train.tsv").write_text(
+        "genre\tsentence1\tsentence2\tscore\n"
+        "main\tA plane is taking off.\tAn air plane is taking off.\t5.000\n"
+        "main\tA man plays a flute.\tA man plays a bamboo flute.\t3.800\n"
+        "main\tA cat.\tA dog.\t0\n"
+    )
     spec = builtin_task("stsb")
     assert spec.is_regression and spec.num_labels == 1
     loaded = load_split(spec, "train", tmp_path)
@@ -360,8 +413,18 @@ def test_regression_spec_on_synthetic_stsb(tmp_path):
 def test_datasets_format_reads_local_files(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"t": "good film", "y": "pos"}\n{"t": "bad film", "y": "neg"}\n{"t": "", "y": "neg"}\n')
-    spec = from_dict(TaskSpec, {"name": "hfjson", "format": "datasets", "hf_name": "json", "train": str(path),
-                                "text_a": "t", "label": "y", "labels": ["neg", "pos"]})
+    spec = from_dict(
+        TaskSpec,
+        {
+            "name": "hfjson",
+            "format": "datasets",
+            "hf_name": "json",
+            "train": str(path),
+            "text_a": "t",
+            "label": "y",
+            "labels": ["neg", "pos"],
+        },
+    )
     with pytest.raises(UserError, match=r"d\.jsonl:3: empty text in column 't'"):
         load_split(spec, "train")
     spec.skip_bad_rows = True
@@ -382,9 +445,14 @@ def test_task_spec_validation_and_registry(monkeypatch, tmp_path):
         spec.validate()
         from_dict(TaskSpec, {k: v for k, v in vars(spec).items()})  # every built-in round-trips through YAML
         assert name == spec.name
-    bad = [({"quoting": "csv"}, "glue_tsv never uses CSV quoting"), ({"train": None}, "at least one of"),
-           ({"labels": ["0", "0"]}, "duplicates"), ({"encoding": "utf-99"}, "unknown encoding"),
-           ({"format": "datasets"}, "needs hf_name"), ({"format": "jsonl", "header": False}, "only applies")]
+    bad = [
+        ({"quoting": "csv"}, "glue_tsv never uses CSV quoting"),
+        ({"train": None}, "at least one of"),
+        ({"labels": ["0", "0"]}, "duplicates"),
+        ({"encoding": "utf-99"}, "unknown encoding"),
+        ({"format": "datasets"}, "needs hf_name"),
+        ({"format": "jsonl", "header": False}, "only applies"),
+    ]
     for change, message in bad:
         with pytest.raises(UserError, match=message):
             from_dict(TaskSpec, {"name": "t", "format": "glue_tsv", "train": "a.tsv", **change})

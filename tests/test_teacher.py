@@ -56,7 +56,7 @@ def _distill(tmp_path: Path, *overrides: str):
 data: {{transfer: {{task: sst2, task_split: train, max_examples: {N}, data_root: {FIXTURE_DATA}}}}}
 model: {{name: bert-L2-H128}}
 engine: {{ds_config: zero2}}
-run: {{out_dir: {tmp_path / 'out'}, tensorboard: false}}
+run: {{out_dir: {tmp_path / "out"}, tensorboard: false}}
 """)
     stage = distill_stage(load_config(DistillRecipe, recipe, list(overrides)))
     stage.prepare(DistEnv(), str(recipe))
@@ -85,8 +85,9 @@ def test_label_and_distill_get_the_same_classifier_outputs(tmp_path, classifier)
     with torch.no_grad():
         ref = hf(**inputs, output_hidden_states=True)
     assert torch.equal(ref.logits, batch["teacher_logits"])
-    assert torch.equal(torch.stack([ref.hidden_states[t][:, 0] for t in (1, 2)], dim=1),
-                       torch.from_numpy(labeled["cls"]))
+    assert torch.equal(
+        torch.stack([ref.hidden_states[t][:, 0] for t in (1, 2)], dim=1), torch.from_numpy(labeled["cls"])
+    )
     assert stage.teacher.fingerprint() == teacher_fingerprint(classifier)
     assert stage.source["online_teacher"] == str(classifier)
 
@@ -149,8 +150,11 @@ def test_one_writer_call_for_every_kind_writes_the_same_bytes(tmp_path, kind):
     tokens = [rng.integers(0, vocab, t) for t in lengths]
     top_ids = [rng.integers(0, vocab, (t, k)) for t in lengths]
     top_lp = [-rng.random((t, k)).astype(np.float32) for t in lengths]
-    base = {"classification": dict(num_classes=c), "classification+cls": dict(num_classes=c, cls_layers=[1, 2],
-            hidden_size=8, teacher_layers=2), "mlm": dict(k=k, vocab_size=vocab)}[kind]
+    base = {
+        "classification": dict(num_classes=c),
+        "classification+cls": dict(num_classes=c, cls_layers=[1, 2], hidden_size=8, teacher_layers=2),
+        "mlm": dict(k=k, vocab_size=vocab),
+    }[kind]
     store_kind = kind.split("+")[0]
     files = {}
     for how in ("per kind", "add"):
@@ -158,8 +162,14 @@ def test_one_writer_call_for_every_kind_writes_the_same_bytes(tmp_path, kind):
             for a in (0, 3, 7):
                 sl = slice(a, {0: 3, 3: 7, 7: n}[a])
                 if how == "add":
-                    given = {"gold": gold[sl], "logits": list(logits[sl]), "cls": list(cls[sl]), "tokens": tokens[sl],
-                             "topk_ids": top_ids[sl], "topk_logprobs": top_lp[sl]}
+                    given = {
+                        "gold": gold[sl],
+                        "logits": list(logits[sl]),
+                        "cls": list(cls[sl]),
+                        "tokens": tokens[sl],
+                        "topk_ids": top_ids[sl],
+                        "topk_logprobs": top_lp[sl],
+                    }
                     w.add(ids[sl], **{role: given[role] for role in labeled_roles(w.settings)})
                 elif store_kind == "mlm":
                     w.add_mlm(ids[sl], tokens[sl], top_ids[sl], top_lp[sl])

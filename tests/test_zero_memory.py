@@ -39,8 +39,13 @@ def test_shipped_zero3_configs_are_sized_for_the_model():
     train = TrainSection(micro_batch=2, global_batch=4)
     cfg = build_ds_config(base, path, train, batch_plan(train, 2), hidden_size=1024)
     zero = cfg["zero_optimization"]
-    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_max_live_parameters",
-                "stage3_max_reuse_distance", "sub_group_size"):
+    for key in (
+        "reduce_bucket_size",
+        "stage3_prefetch_bucket_size",
+        "stage3_max_live_parameters",
+        "stage3_max_reuse_distance",
+        "sub_group_size",
+    ):
         assert zero[key] == AUTO_SIZES[key](1024) and zero[key] <= 40 * 1024 * 1024, key
     assert zero["stage3_param_persistence_threshold"] == 10 * 1024
 
@@ -66,8 +71,15 @@ def test_planner_formulas_and_deepspeed_estimators():
     assert rows[3].model_states_gib * gib == pytest.approx(20 * shape.params / 4, rel=1e-9)
     assert rows[3].model_states_gib / rows[0].model_states_gib == pytest.approx(20 / 4 / 16)
     bf16 = plan(shape, 8, (3,), precision="bf16", ranks_per_node=4)[0]
-    _, gpu, _ = estimate_zero3_model_states_mem_needs(shape.params, shape.largest_param, 4, 2, cpu_offload=False,
-                                                      cpu_offload_params=False, additional_buffer_factor=1.0)
+    _, gpu, _ = estimate_zero3_model_states_mem_needs(
+        shape.params,
+        shape.largest_param,
+        4,
+        2,
+        cpu_offload=False,
+        cpu_offload_params=False,
+        additional_buffer_factor=1.0,
+    )
     assert bf16.model_states_gib * gib == pytest.approx(gpu, rel=1e-9)
 
 
@@ -117,9 +129,25 @@ SMALL = ["--model", "bert-L6-H256", "--vocab-size", "4096", "--seq-len", "64", "
 
 def bench(tmp: Path, stage: int, *extra: str) -> dict:
     out = tmp / f"zero{stage}.json"
-    proc = subprocess.run([sys.executable, str(BENCH), "run", *SMALL, "--stage", str(stage), "--out", str(out),
-                           "--keep", str(tmp / f"run{stage}"), *extra], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH),
+            "run",
+            *SMALL,
+            "--stage",
+            str(stage),
+            "--out",
+            str(out),
+            "--keep",
+            str(tmp / f"run{stage}"),
+            *extra,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return json.loads(out.read_text())["results"][0]
 
@@ -185,8 +213,9 @@ def test_follow_live_memory_gives_freed_layers_back():
     each >= 1 MiB allocation is its own mapping and the resident set follows the live 100 MiB."""
     grown = {}
     for on in ("0", "1"):
-        proc = subprocess.run([sys.executable, "-c", FRAGMENT, str(ROOT), on], capture_output=True, text=True,
-                              timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-c", FRAGMENT, str(ROOT), on], capture_output=True, text=True, timeout=120
+        )
         assert proc.returncode == 0, proc.stderr
         grown[on] = json.loads(proc.stdout)["grown_mib"]
     live = 50 * 2  # MiB still referenced

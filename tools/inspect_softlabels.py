@@ -51,10 +51,10 @@ def _scan_classification(store: SoftLabelStore, bar) -> dict:
         arr = store.shard(j)
         n = len(arr["ids"])
         for a in range(0, n, CHUNK):
-            logits = np.asarray(arr["logits"][a:a + CHUNK], dtype=np.float64)
+            logits = np.asarray(arr["logits"][a : a + CHUNK], dtype=np.float64)
             if not np.isfinite(logits).all():
                 raise UserError(f"{store.directory}: shard {name} holds NaN/inf logits")
-            gold = np.asarray(arr["gold"][a:a + CHUNK])
+            gold = np.asarray(arr["gold"][a : a + CHUNK])
             if ((gold < -1) | (gold >= c)).any():
                 raise UserError(f"{store.directory}: shard {name} holds gold labels outside [-1, {c})")
             entropy += float(_entropy(_log_softmax(logits)).sum())
@@ -77,9 +77,9 @@ def _scan_mlm(store: SoftLabelStore, bar) -> dict:
         arr = store.shard(j)
         t = len(arr["tokens"])
         for a in range(0, t, CHUNK):
-            lp = np.asarray(arr["topk_logprobs"][a:a + CHUNK], dtype=np.float64)
-            top = np.asarray(arr["topk_ids"][a:a + CHUNK])
-            tokens = np.asarray(arr["tokens"][a:a + CHUNK])
+            lp = np.asarray(arr["topk_logprobs"][a : a + CHUNK], dtype=np.float64)
+            top = np.asarray(arr["topk_ids"][a : a + CHUNK])
+            tokens = np.asarray(arr["tokens"][a : a + CHUNK])
             if np.isnan(lp).any() or lp.max() > LOGPROB_TOL:
                 raise UserError(f"{store.directory}: shard {name} holds top-k log-probabilities that are NaN or > 0")
             if int(top.max()) >= vocab or int(tokens.max()) >= vocab or min(int(top.min()), int(tokens.min())) < 0:
@@ -120,8 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     _check_ids(store)
     mlm = store.kind == "mlm"
     total = store.manifest["totals"]["positions"] if mlm else len(store)
-    with tqdm(total=total, unit="pos" if mlm else "ex", unit_scale=True, desc="scan", file=sys.stderr,
-              mininterval=0.5, disable=True if args.no_progress else None) as bar:
+    with tqdm(
+        total=total,
+        unit="pos" if mlm else "ex",
+        unit_scale=True,
+        desc="scan",
+        file=sys.stderr,
+        mininterval=0.5,
+        disable=True if args.no_progress else None,
+    ) as bar:
         stats = _scan_mlm(store, bar) if mlm else _scan_classification(store, bar)
     header = store.header
     report = {
@@ -142,24 +149,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"{args.store}: {store.kind} soft labels, {report['shards']} shard(s), {len(store):,} examples, "
-          f"{report['bytes'] / 2**20:,.1f} MiB, checksums ok")
+    print(
+        f"{args.store}: {store.kind} soft labels, {report['shards']} shard(s), {len(store):,} examples, "
+        f"{report['bytes'] / 2**20:,.1f} MiB, checksums ok"
+    )
     if mlm:
-        print(f"  positions: {stats['positions']:,} ({stats['mean_positions_per_example']:.1f} per example), "
-              f"k={store.k}, vocab {store.vocab_size:,}")
+        print(
+            f"  positions: {stats['positions']:,} ({stats['mean_positions_per_example']:.1f} per example), "
+            f"k={store.k}, vocab {store.vocab_size:,}"
+        )
         if stats["positions"]:
             entropy = stats["mean_entropy_topk_renormalised_nats"]
             print(f"  mean teacher entropy (renormalised top-k): {entropy:.4f} nats")
-            print(f"  top-k mass retained: mean {stats['topk_mass_retained']:.4f}, min {stats['topk_mass_min']:.4f}; "
-                  f"KL(top-k renormalised || full) = mean -log(mass): {stats['kl_topk_to_full_nats']:.4f} nats")
+            print(
+                f"  top-k mass retained: mean {stats['topk_mass_retained']:.4f}, min {stats['topk_mass_min']:.4f}; "
+                f"KL(top-k renormalised || full) = mean -log(mass): {stats['kl_topk_to_full_nats']:.4f} nats"
+            )
     else:
-        print(f"  classes: {store.num_classes}; mean teacher entropy: {stats['mean_entropy_nats']:.4f} nats "
-              f"(max {stats['max_entropy_nats']:.4f})")
+        print(
+            f"  classes: {store.num_classes}; mean teacher entropy: {stats['mean_entropy_nats']:.4f} nats "
+            f"(max {stats['max_entropy_nats']:.4f})"
+        )
         acc = stats["teacher_accuracy"]
-        print(f"  teacher accuracy: {acc:.4f} on {stats['gold_labelled']:,} gold-labelled examples" if acc is not None
-              else "  teacher accuracy: n/a (no gold labels)")
-    print(f"  tokenizer {str(report['tokenizer_hash'])[:12]}.., "
-          f"transfer set {str(report['transfer_fingerprint'])[:12]}..")
+        print(
+            f"  teacher accuracy: {acc:.4f} on {stats['gold_labelled']:,} gold-labelled examples"
+            if acc is not None
+            else "  teacher accuracy: n/a (no gold labels)"
+        )
+    print(
+        f"  tokenizer {str(report['tokenizer_hash'])[:12]}.., transfer set {str(report['transfer_fingerprint'])[:12]}.."
+    )
     return 0
 
 

@@ -74,9 +74,7 @@ def _format_markdown(rows: list[dict], archs: tuple[int, ...]) -> str:
     for r in rows:
         key = (r["kernel"], r["dtype"], _blocks(r), r["num_warps"])
         smem = f"{r['static_shared_bytes']}+{r['dynamic_shared_bytes']}"
-        cells.setdefault(key, {})[r["arch"]] = (
-            f"{r['registers']} / {smem} / {r['local_bytes'] + r['stack_bytes']}"
-        )
+        cells.setdefault(key, {})[r["arch"]] = f"{r['registers']} / {smem} / {r['local_bytes'] + r['stack_bytes']}"
     header = ["kernel", "dtype", "blocks", "warps"] + [f"sm_{a}: regs / smem B / local B" for a in archs]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (kernel, dtype, blocks, warps), per_arch in cells.items():

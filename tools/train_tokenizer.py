@@ -61,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     spec = SourceSpec(files=args.inputs, strip_gutenberg=args.strip_gutenberg, text_field=args.text_field)
     tok = BertWordPieceTokenizer(lowercase=not args.cased, strip_accents=not args.cased)
     texts = (piece for _, piece in iter_pieces(spec, SourceStats()))
-    tok.train_from_iterator(texts, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
-                            special_tokens=list(SPECIALS))
+    tok.train_from_iterator(
+        texts, vocab_size=args.vocab_size, min_frequency=args.min_frequency, special_tokens=list(SPECIALS)
+    )
     if tok.get_vocab_size() <= len(SPECIALS):
         raise UserError(f"no text found in {', '.join(map(str, args.inputs))}")
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):

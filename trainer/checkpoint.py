@@ -77,9 +77,17 @@ def tag_for(step: int) -> str:
     return f"step-{step:07d}"
 
 
-def save(engine, root: Path, step: int, env: DistEnv, rank_state: dict[str, Any],
-         client_state: dict[str, Any], keep: int = 2, pause_before_publish: float = 0.0,
-         files: dict[str, str] | None = None) -> Path:
+def save(
+    engine,
+    root: Path,
+    step: int,
+    env: DistEnv,
+    rank_state: dict[str, Any],
+    client_state: dict[str, Any],
+    keep: int = 2,
+    pause_before_publish: float = 0.0,
+    files: dict[str, str] | None = None,
+) -> Path:
     """Collective: every rank must call it at the same step. `files` (name -> text, written by rank 0) make
     the directory self-describing: the model's config.json and tokenizer.json, so it can seed a later stage."""
     root = Path(root)
@@ -97,8 +105,9 @@ def save(engine, root: Path, step: int, env: DistEnv, rank_state: dict[str, Any]
         shutil.rmtree(root / tmp_tag, ignore_errors=True)
     barrier()
     engine.save_checkpoint(str(root), tag=tmp_tag, client_state={**client_state, "step": step}, save_latest=False)
-    atomic_write_json(root / tmp_tag / f"rank-{env.rank:05d}.json",
-                      {**rank_state, "rng": rng_state(), "rank": env.rank, "step": step})
+    atomic_write_json(
+        root / tmp_tag / f"rank-{env.rank:05d}.json", {**rank_state, "rng": rng_state(), "rank": env.rank, "step": step}
+    )
     if env.is_main:
         for name, text in (files or {}).items():
             atomic_write_bytes(root / tmp_tag / name, text.encode())
@@ -135,20 +144,22 @@ def load(engine, root: Path, env: DistEnv) -> tuple[dict[str, Any], dict[str, An
         return None
     tag = pointer["tag"]
     if pointer.get("world_size") != env.world_size:
-        raise UserError(f"{Path(root) / LATEST}: checkpoint {tag} was written by {pointer.get('world_size')} ranks, "
-                        f"this run has {env.world_size}; resume with the same number of ranks")
+        raise UserError(
+            f"{Path(root) / LATEST}: checkpoint {tag} was written by {pointer.get('world_size')} ranks, "
+            f"this run has {env.world_size}; resume with the same number of ranks"
+        )
     rank_file = Path(root) / tag / f"rank-{env.rank:05d}.json"
     rank_state = read_json(rank_file, "rank checkpoint state")
-    path, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    path, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise UserError(f"{Path(root) / tag}: DeepSpeed could not load this checkpoint")
     set_rng_state(rank_state["rng"])
     return client or {}, rank_state
 
 
-def export_hf(engine, hf_model, tokenizer, out_dir: Path, env: DistEnv, extra_files: dict[str, Any] | None = None
-              ) -> Path:
+def export_hf(
+    engine, hf_model, tokenizer, out_dir: Path, env: DistEnv, extra_files: dict[str, Any] | None = None
+) -> Path:
     """Collective: write a Hugging Face directory (safetensors + config + tokenizer) atomically from rank 0.
 
     At ZeRO-3 no rank ever holds the whole model: the weights are gathered one tensor at a time and streamed
@@ -180,9 +191,18 @@ def export_hf(engine, hf_model, tokenizer, out_dir: Path, env: DistEnv, extra_fi
     return out_dir
 
 
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-                       torch.bool: "BOOL"}
+_SAFETENSORS_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 def export_entries(hf_model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -215,8 +235,11 @@ def _stream_safetensors(hf_model: torch.nn.Module, path: Path, write: bool) -> N
     for name, tensor in entries:
         shape = list(getattr(tensor, "ds_shape", tensor.shape))
         nbytes = int(np.prod(shape, dtype=np.int64)) * tensor.element_size()
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": shape,
-                        "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": shape,
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as the library writes it
@@ -288,16 +311,31 @@ class Checkpointer:
     `force`d (pre-emption). State is the loop's client dict plus one dict per rank.
     """
 
-    def __init__(self, root: Path, env: DistEnv, every: int = 0, keep: int = 2, pause: float = 0.0,
-                 files: dict[str, str] | None = None):
+    def __init__(
+        self,
+        root: Path,
+        env: DistEnv,
+        every: int = 0,
+        keep: int = 2,
+        pause: float = 0.0,
+        files: dict[str, str] | None = None,
+    ):
         self.root, self.env, self.every, self.keep, self.pause = Path(root), env, every, keep, pause
         self.files = files or {}  # config.json / tokenizer.json: a checkpoint can seed a later stage
 
     def due(self, step: int, last_step: bool = False, force: bool = False) -> bool:
         return force or last_step or (bool(self.every) and step % self.every == 0)
 
-    def save(self, engine, step: int, client: dict[str, Any], rank_state: dict[str, Any], *,
-             last_step: bool = False, force: bool = False) -> Path | None:
+    def save(
+        self,
+        engine,
+        step: int,
+        client: dict[str, Any],
+        rank_state: dict[str, Any],
+        *,
+        last_step: bool = False,
+        force: bool = False,
+    ) -> Path | None:
         """Collective. Saves if due; -> the published directory, or None when not due."""
         if not self.due(step, last_step, force):
             return None

@@ -83,8 +83,7 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def from_dict(cls: type[T], data: Any, where: str = CLI, sources: dict[str, str] | None = None,
-              prefix: str = "") -> T:
+def from_dict(cls: type[T], data: Any, where: str = CLI, sources: dict[str, str] | None = None, prefix: str = "") -> T:
     """Build dataclass `cls` from a plain mapping, checking keys and types recursively."""
     sources = sources or {}
     section = prefix.rstrip(".") or "recipe"
@@ -95,8 +94,9 @@ def from_dict(cls: type[T], data: Any, where: str = CLI, sources: dict[str, str]
     for key in data:
         if key not in fields:
             known = ", ".join(sorted(fields))
-            raise UserError(f"{sources.get(prefix + str(key), where)}: unknown key '{prefix}{key}' "
-                            f"(known in {section}: {known})")
+            raise UserError(
+                f"{sources.get(prefix + str(key), where)}: unknown key '{prefix}{key}' (known in {section}: {known})"
+            )
     kwargs = {}
     for name, field in fields.items():
         dotted = prefix + name

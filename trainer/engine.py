@@ -24,8 +24,12 @@ from trainer.assets import ds_config_dir
 from trainer.errors import UserError
 from trainer.recipes.base import EngineSection, TrainSection
 
-RECIPE_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                "gradient_clipping")
+RECIPE_OWNED = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+)
 FORBIDDEN = ("optimizer", "scheduler")
 
 
@@ -56,8 +60,10 @@ class BatchPlan:
 def batch_plan(train: TrainSection, world_size: int, where: str = "recipe") -> BatchPlan:
     per_step = train.micro_batch * world_size
     if train.global_batch % per_step:
-        raise UserError(f"{where}: train.global_batch={train.global_batch} is not a multiple of "
-                        f"train.micro_batch x ranks = {train.micro_batch} x {world_size}")
+        raise UserError(
+            f"{where}: train.global_batch={train.global_batch} is not a multiple of "
+            f"train.micro_batch x ranks = {train.micro_batch} x {world_size}"
+        )
     return BatchPlan(train.micro_batch, train.global_batch // per_step, world_size)
 
 
@@ -83,18 +89,26 @@ def resolve_auto(cfg: dict[str, Any], hidden_size: int | None, where: str) -> di
     autos = [k for k, v in zero.items() if v == "auto"]
     unknown = [k for k in autos if k not in AUTO_SIZES]
     if unknown:
-        raise UserError(f"{where}: zero_optimization.{unknown[0]} cannot be \"auto\" "
-                        f"(keys that can: {', '.join(AUTO_SIZES)})")
+        raise UserError(
+            f'{where}: zero_optimization.{unknown[0]} cannot be "auto" (keys that can: {", ".join(AUTO_SIZES)})'
+        )
     if autos and not hidden_size:
-        raise UserError(f"{where}: zero_optimization.{autos[0]} is \"auto\" but the model's hidden size is unknown; "
-                        "give a number")
+        raise UserError(
+            f'{where}: zero_optimization.{autos[0]} is "auto" but the model\'s hidden size is unknown; give a number'
+        )
     for key in autos:
         zero[key] = AUTO_SIZES[key](hidden_size)
     return cfg
 
 
-def build_ds_config(base: dict[str, Any], base_path: Path, train: TrainSection, plan: BatchPlan,
-                    where: str = "recipe", hidden_size: int | None = None) -> dict[str, Any]:
+def build_ds_config(
+    base: dict[str, Any],
+    base_path: Path,
+    train: TrainSection,
+    plan: BatchPlan,
+    where: str = "recipe",
+    hidden_size: int | None = None,
+) -> dict[str, Any]:
     cfg = json.loads(json.dumps(base))
     resolve_auto(cfg, hidden_size, str(base_path))
     wanted = {
@@ -105,12 +119,16 @@ def build_ds_config(base: dict[str, Any], base_path: Path, train: TrainSection, 
     }
     for key in FORBIDDEN:
         if key in cfg:
-            raise UserError(f"{base_path}: key '{key}' conflicts with the recipe ({where}), which defines the "
-                            "optimizer and schedule in its train section; remove it from the DeepSpeed config")
+            raise UserError(
+                f"{base_path}: key '{key}' conflicts with the recipe ({where}), which defines the "
+                "optimizer and schedule in its train section; remove it from the DeepSpeed config"
+            )
     for key, value in wanted.items():
         if key in cfg and cfg[key] != "auto" and float(cfg[key]) != float(value):
-            raise UserError(f"{base_path}: key '{key}'={cfg[key]} conflicts with the recipe ({where}), which gives "
-                            f"{value}; remove it from the DeepSpeed config or make them equal")
+            raise UserError(
+                f"{base_path}: key '{key}'={cfg[key]} conflicts with the recipe ({where}), which gives "
+                f"{value}; remove it from the DeepSpeed config or make them equal"
+            )
         cfg[key] = value
     cfg.setdefault("steps_per_print", 10**9)
     cfg.setdefault("wall_clock_breakdown", False)
@@ -205,8 +223,9 @@ def model_hidden_size(model: torch.nn.Module) -> int | None:
     return None
 
 
-def engine_config(ds_name: str, train: TrainSection, world_size: int, where: str,
-                  hidden_size: int | None) -> tuple[dict[str, Any], BatchPlan]:
+def engine_config(
+    ds_name: str, train: TrainSection, world_size: int, where: str, hidden_size: int | None
+) -> tuple[dict[str, Any], BatchPlan]:
     """The DeepSpeed config a stage runs with, resolved before the model exists (ZeRO-3 builds the model
     partitioned from it): the recipe's batch keys merged in and every "auto" size filled for `hidden_size`."""
     base, path = load_ds_config(ds_name)
@@ -235,8 +254,10 @@ def partitioned_construction(ds_cfg: dict[str, Any]) -> Iterator[None]:
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     if not deepspeed.comm.is_initialized():  # zero.Init reads the world size from deepspeed.comm
-        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend() if torch.distributed.is_initialized()
-                                   else None, auto_mpi_discovery=False)
+        deepspeed.init_distributed(
+            dist_backend=torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
+            auto_mpi_discovery=False,
+        )
     keep = HfDeepSpeedConfig(ds_cfg)  # transformers holds only a weak reference: keep it alive while inside
     try:
         yield
@@ -253,8 +274,14 @@ def build_model(fn: Callable[[], torch.nn.Module], ds_cfg: dict[str, Any]) -> to
     return model
 
 
-def initialize(model: torch.nn.Module, train: TrainSection, ds_name: str, world_size: int, where: str,
-               ds_cfg: dict[str, Any] | None = None):
+def initialize(
+    model: torch.nn.Module,
+    train: TrainSection,
+    ds_name: str,
+    world_size: int,
+    where: str,
+    ds_cfg: dict[str, Any] | None = None,
+):
     """-> (DeepSpeed engine, resolved DeepSpeed config, batch plan). Pass `ds_cfg` from `engine_config` when the
     model was built with `build_model` (the same config must partition and train it)."""
     import deepspeed

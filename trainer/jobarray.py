@@ -7,8 +7,9 @@ from collections.abc import Mapping
 from trainer.errors import UserError
 
 
-def slurm_array_position(environ: Mapping[str, str],
-                         flags: str = "--shard-index and --num-shards") -> tuple[int, int] | None:
+def slurm_array_position(
+    environ: Mapping[str, str], flags: str = "--shard-index and --num-shards"
+) -> tuple[int, int] | None:
     """(position of this task in its Slurm job array, number of tasks), or None outside an array.
 
     The position, not SLURM_ARRAY_TASK_ID: `--array=1-3` has ids 1..3 and `--array=0-4:2` ids 0, 2, 4,
@@ -26,6 +27,8 @@ def slurm_array_position(environ: Mapping[str, str],
         raise UserError(f"incomplete or non-integer Slurm array variables ({e}); pass {flags}") from None
     position, off_grid = divmod(task - low, step) if step > 0 else (-1, 1)
     if off_grid or not 0 <= position < count or low + (count - 1) * step != high:
-        raise UserError(f"Slurm array task {task} of {count} (min {low}, max {high}, step {step}) is not evenly "
-                        f"spaced; pass {flags}")
+        raise UserError(
+            f"Slurm array task {task} of {count} (min {low}, max {high}, step {step}) is not evenly "
+            f"spaced; pass {flags}"
+        )
     return position, count

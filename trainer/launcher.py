@@ -63,21 +63,27 @@ def detect(environ: dict[str, str] | None = None) -> DistEnv:
     env = dict(os.environ if environ is None else environ)
     get = lambda name, default: _int_env(env, name) if name in env else default
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, deepspeed launcher, or set by hand
-        return DistEnv(get("RANK", 0), get("WORLD_SIZE", 1), get("LOCAL_RANK", 0),
-                       env.get("MASTER_ADDR", "127.0.0.1"), get("MASTER_PORT", 29500),
-                       "torchrun" if "TORCHELASTIC_RUN_ID" in env else "env (deepspeed launcher or manual)")
+        return DistEnv(
+            get("RANK", 0),
+            get("WORLD_SIZE", 1),
+            get("LOCAL_RANK", 0),
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            get("MASTER_PORT", 29500),
+            "torchrun" if "TORCHELASTIC_RUN_ID" in env else "env (deepspeed launcher or manual)",
+        )
     in_step = "SLURM_STEP_ID" in env or "SLURM_STEPID" in env  # set by srun (both names, old and new)
     if "SLURM_JOB_ID" in env and not in_step and get("SLURM_NTASKS", 1) > 1:
         # The batch script (or an salloc shell) of a multi-task allocation: SLURM_PROCID=0 of SLURM_NTASKS is
         # set there too, but no peer will ever start; without this check rank 0 waits for them until the
         # rendezvous times out (30 min).
-        raise UserError(f"Slurm job {env['SLURM_JOB_ID']} has {env['SLURM_NTASKS']} tasks but this process was not "
-                        "started by srun: run `srun python -m trainer.cli ...` (one process per task; "
-                        "slurm/*.sbatch do), or `srun -n 1 ...` for a single process")
+        raise UserError(
+            f"Slurm job {env['SLURM_JOB_ID']} has {env['SLURM_NTASKS']} tasks but this process was not "
+            "started by srun: run `srun python -m trainer.cli ...` (one process per task; "
+            "slurm/*.sbatch do), or `srun -n 1 ...` for a single process"
+        )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_JOB_ID" in env:
         world = get("SLURM_NTASKS", 1)
-        addr = env.get("MASTER_ADDR") or (slurm_master_addr(env["SLURM_JOB_NODELIST"]) if world > 1
-                                           else "127.0.0.1")
+        addr = env.get("MASTER_ADDR") or (slurm_master_addr(env["SLURM_JOB_NODELIST"]) if world > 1 else "127.0.0.1")
         port = get("MASTER_PORT", 20000 + get("SLURM_JOB_ID", 0) % 20000)
         return DistEnv(get("SLURM_PROCID", 0), world, get("SLURM_LOCALID", 0), addr, port, "slurm")
     return DistEnv()
@@ -93,8 +99,13 @@ def device_for(env: DistEnv) -> torch.device:
 def init_distributed(env: DistEnv | None = None, timeout_s: int = 1800) -> DistEnv:
     """Initialise torch.distributed (NCCL on GPU, gloo on CPU) and export the env DeepSpeed reads."""
     env = env or detect()
-    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
-                      MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+    os.environ.update(
+        RANK=str(env.rank),
+        WORLD_SIZE=str(env.world_size),
+        LOCAL_RANK=str(env.local_rank),
+        MASTER_ADDR=env.master_addr,
+        MASTER_PORT=str(env.master_port),
+    )
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "gloo" and env.world_size > 1 and env.master_addr in ("127.0.0.1", "localhost"):

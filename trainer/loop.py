@@ -134,8 +134,9 @@ class StepResult:
     skipped: bool
 
 
-def optimizer_step(engine, micro_batches: list[dict[str, torch.Tensor]], plan: BatchPlan, count: float,
-                   inject_nan: bool = False) -> StepResult:
+def optimizer_step(
+    engine, micro_batches: list[dict[str, torch.Tensor]], plan: BatchPlan, count: float, inject_nan: bool = False
+) -> StepResult:
     """Forward/backward every micro-batch, then one optimizer step (DeepSpeed steps at the boundary)."""
     scale = plan.world_size * plan.accumulation / max(count, 1.0)
     skipped_before = engine.skipped_steps
@@ -174,13 +175,23 @@ class RunState:
     extra: dict[str, Any] = field(default_factory=dict)  # stage-specific (e.g. best eval score)
 
     def client(self) -> dict[str, Any]:
-        return {"tokens_seen": self.tokens_seen, "examples_seen": self.examples_seen,
-                "nonfinite_streak": self.nonfinite_streak, "extra": self.extra}
+        return {
+            "tokens_seen": self.tokens_seen,
+            "examples_seen": self.examples_seen,
+            "nonfinite_streak": self.nonfinite_streak,
+            "extra": self.extra,
+        }
 
     @classmethod
     def restore(cls, client: dict[str, Any], rank_state: dict[str, Any]) -> RunState:
-        return cls(client["step"], Cursor(**rank_state["cursor"]), client.get("tokens_seen", 0),
-                   client.get("examples_seen", 0), client.get("nonfinite_streak", 0), client.get("extra", {}))
+        return cls(
+            client["step"],
+            Cursor(**rank_state["cursor"]),
+            client.get("tokens_seen", 0),
+            client.get("examples_seen", 0),
+            client.get("nonfinite_streak", 0),
+            client.get("extra", {}),
+        )
 
     def record(self, order: Order, result: StepResult, count: float) -> float:
         """Book a finished optimizer step (step, cursor, counters, non-finite streak); -> its mean loss."""
@@ -213,24 +224,33 @@ class Trainer:
         self.order = stage.make_order(self.train.global_batch, env)
         if self.train.epochs is not None:
             self.train.steps = max(1, math.ceil(self.train.epochs * self.order.batches_per_epoch))
-        self.engine, self.ds_cfg, self.plan = initialize(model, self.train, recipe.engine.ds_config,
-                                                         env.world_size, where, ds_cfg)
+        self.engine, self.ds_cfg, self.plan = initialize(
+            model, self.train, recipe.engine.ds_config, env.world_size, where, ds_cfg
+        )
         torch.manual_seed(self.train.seed * 1000 + env.rank)  # per-rank dropout streams
         self.out = Path(self.run.out_dir)
-        self.checkpointer = Checkpointer(self.out / "checkpoints", env, self.run.ckpt_every,
-                                         self.run.keep_checkpoints, self.debug.checkpoint_sleep,
-                                         stage.checkpoint_files())
+        self.checkpointer = Checkpointer(
+            self.out / "checkpoints",
+            env,
+            self.run.ckpt_every,
+            self.run.keep_checkpoints,
+            self.debug.checkpoint_sleep,
+            stage.checkpoint_files(),
+        )
         self.state = self._resume() if self.run.resume == "auto" else None
         self.state = self.state or RunState(extra=getattr(stage, "initial_extra", lambda: {})())
-        self.log(f"{stage.name}: {env.world_size} rank(s) via {env.launcher}, ZeRO stage "
-                 f"{self.engine.zero_optimization_stage()}, micro batch {self.plan.micro_batch} x accumulation "
-                 f"{self.plan.accumulation} x ranks = {self.plan.global_batch}; {self.train.steps} steps "
-                 f"({self.order.batches_per_epoch} per epoch)")
+        self.log(
+            f"{stage.name}: {env.world_size} rank(s) via {env.launcher}, ZeRO stage "
+            f"{self.engine.zero_optimization_stage()}, micro batch {self.plan.micro_batch} x accumulation "
+            f"{self.plan.accumulation} x ranks = {self.plan.global_batch}; {self.train.steps} steps "
+            f"({self.order.batches_per_epoch} per epoch)"
+        )
         if env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(recipe, self.out / "config.yaml")
-        self.logger = RunLogger(self.out, env.is_main, self.train.steps, self.state.step, self.run.tensorboard,
-                                self.run.log_every)
+        self.logger = RunLogger(
+            self.out, env.is_main, self.train.steps, self.state.step, self.run.tensorboard, self.run.log_every
+        )
         self.logger.text("config", dump_yaml(recipe))
 
     def _resume(self) -> RunState | None:
@@ -238,8 +258,10 @@ class Trainer:
         if restored is None:
             return None
         state = RunState.restore(*restored)
-        self.log(f"resumed from {self.checkpointer.root / tag_for(state.step)} at step {state.step} "
-                 f"(epoch {state.cursor.epoch}, batch {state.cursor.batch})")
+        self.log(
+            f"resumed from {self.checkpointer.root / tag_for(state.step)} at step {state.step} "
+            f"(epoch {state.cursor.epoch}, batch {state.cursor.batch})"
+        )
         return state
 
     def log(self, msg: str) -> None:
@@ -269,8 +291,9 @@ class Trainer:
             if stop:
                 break
             epoch_before = state.cursor.epoch
-            result = optimizer_step(self.engine, micro, self.plan, agreed.count,
-                                    state.step + 1 in self.debug.nan_at_steps)
+            result = optimizer_step(
+                self.engine, micro, self.plan, agreed.count, state.step + 1 in self.debug.nan_at_steps
+            )
             loss = state.record(self.order, result, agreed.count)
             self._log_step(loss, result, agreed.count)
             self._check_finite()
@@ -284,8 +307,9 @@ class Trainer:
         final = self.evaluate()
         self.save(last_step=True)
         info = self.stage.export_info(self, final)
-        export = self.checkpointer.export(self.engine, self.stage.hf, self.stage.hf_tokenizer(), self.out / "export",
-                                          info)
+        export = self.checkpointer.export(
+            self.engine, self.stage.hf, self.stage.hf_tokenizer(), self.out / "export", info
+        )
         self.log(f"exported Hugging Face model to {export}")
         self.stage.finished(self, final)
         return 0
@@ -293,8 +317,9 @@ class Trainer:
     # -- what the loop calls
     def save(self, last_step: bool = False, force: bool = False) -> None:
         state = self.state
-        path = self.checkpointer.save(self.engine, state.step, state.client(), {"cursor": asdict(state.cursor)},
-                                      last_step=last_step, force=force)
+        path = self.checkpointer.save(
+            self.engine, state.step, state.client(), {"cursor": asdict(state.cursor)}, last_step=last_step, force=force
+        )
         if path is not None:
             self.log(f"checkpoint saved: {path}")
 
@@ -306,17 +331,28 @@ class Trainer:
 
     def _log_step(self, loss: float, result: StepResult, count: float) -> None:
         state = self.state
-        scalars = {"loss": loss, **self.stage.step_scalars(result.sums, count), "lr": result.lr,
-                   "grad_norm": result.grad_norm, "skipped": float(result.skipped),
-                   "epoch": state.cursor.epoch + state.cursor.batch / self.order.batches_per_epoch}
+        scalars = {
+            "loss": loss,
+            **self.stage.step_scalars(result.sums, count),
+            "lr": result.lr,
+            "grad_norm": result.grad_norm,
+            "skipped": float(result.skipped),
+            "epoch": state.cursor.epoch + state.cursor.batch / self.order.batches_per_epoch,
+        }
         if state.step % self.run.log_every == 0 or state.step == self.train.steps:
             t, step, tokens, examples = self._rate_mark
             dt = max(time.time() - t, 1e-9)
-            scalars.update({"tokens_per_s": (state.tokens_seen - tokens) / dt,
-                            "examples_per_s": (state.examples_seen - examples) / dt,
-                            "steps_per_s": (state.step - step) / dt, "tokens_seen": state.tokens_seen,
-                            "examples_seen": state.examples_seen,
-                            **self.stage.rate_scalars(self, dt), **memory_mb(self.engine.device)})
+            scalars.update(
+                {
+                    "tokens_per_s": (state.tokens_seen - tokens) / dt,
+                    "examples_per_s": (state.examples_seen - examples) / dt,
+                    "steps_per_s": (state.step - step) / dt,
+                    "tokens_seen": state.tokens_seen,
+                    "examples_seen": state.examples_seen,
+                    **self.stage.rate_scalars(self, dt),
+                    **memory_mb(self.engine.device),
+                }
+            )
             self._rate_mark = (time.time(), state.step, state.tokens_seen, state.examples_seen)
         self.logger.log(state.step, scalars)
 
@@ -327,12 +363,14 @@ class Trainer:
             return
         self.log(f"step {state.step}: non-finite loss or gradient, update skipped ({state.nonfinite_streak} in a row)")
         if state.nonfinite_streak >= limit:
-            raise TrainingStopped(f"{state.nonfinite_streak} non-finite steps in a row (last at step {state.step}); "
-                                  "lower train.lr or check the data; the last checkpoint is intact")
+            raise TrainingStopped(
+                f"{state.nonfinite_streak} non-finite steps in a row (last at step {state.step}); "
+                "lower train.lr or check the data; the last checkpoint is intact"
+            )
 
 
 def stop_reason(agreed: Agreement, env: DistEnv, step: int, max_minutes: float | None) -> str | None:
-    """"signal" (checkpoint, exit resumable), "time" (budget spent: finish normally) or None."""
+    """ "signal" (checkpoint, exit resumable), "time" (budget spent: finish normally) or None."""
     if agreed.signal:
         log0(env, f"stop requested ({preemption.reason() or 'signal on another rank'}): checkpointing at step {step}")
         return "signal"

@@ -58,8 +58,14 @@ class ModelShape:
         with torch.device("meta"):
             model = BertForMaskedLM(cfg)
         unique = {id(p): p.numel() for p in model.parameters()}  # the tied decoder weight once
-        return cls(sum(unique.values()), max(unique.values()), cfg.num_hidden_layers, cfg.hidden_size,
-                   cfg.num_attention_heads, cfg.vocab_size)
+        return cls(
+            sum(unique.values()),
+            max(unique.values()),
+            cfg.num_hidden_layers,
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.vocab_size,
+        )
 
 
 @dataclass
@@ -89,9 +95,16 @@ def fp32_model_state_bytes(params: int, stage: int, ranks: int) -> int:
     return int(per_param * params)
 
 
-def plan(shape: ModelShape, ranks: int, stages: tuple[int, ...] = (0, 1, 2, 3), offload: str = "none",
-         precision: str = "fp32", micro_batch: int = 8, seq_len: int = 128, ranks_per_node: int | None = None
-         ) -> list[StagePlan]:
+def plan(
+    shape: ModelShape,
+    ranks: int,
+    stages: tuple[int, ...] = (0, 1, 2, 3),
+    offload: str = "none",
+    precision: str = "fp32",
+    micro_batch: int = 8,
+    seq_len: int = 128,
+    ranks_per_node: int | None = None,
+) -> list[StagePlan]:
     """Per-rank memory for each ZeRO stage. `offload`: none | optimizer | all (optimizer + params, stage 3)."""
     if ranks < 1:
         raise UserError(f"--ranks must be at least 1, got {ranks}")
@@ -128,8 +141,9 @@ def plan(shape: ModelShape, ranks: int, stages: tuple[int, ...] = (0, 1, 2, 3), 
         elif stage in (1, 2):  # stage 1 runs stage 2's code path and buffers (see the module docstring)
             from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-            cpu, gpu = estimate_zero2_model_states_mem_needs(psi, per_node, nodes, cpu_offload=offload != "none",
-                                                             additional_buffer_factor=1.0)
+            cpu, gpu = estimate_zero2_model_states_mem_needs(
+                psi, per_node, nodes, cpu_offload=offload != "none", additional_buffer_factor=1.0
+            )
             device, host = gpu, cpu // per_node if offload != "none" else 0
             states = device + host
             source = "deepspeed estimate_zero2_model_states_mem_needs"
@@ -137,8 +151,15 @@ def plan(shape: ModelShape, ranks: int, stages: tuple[int, ...] = (0, 1, 2, 3), 
             from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
             cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
-                psi, shape.largest_param, per_node, nodes, cpu_offload=offload != "none",
-                cpu_offload_params=offload == "all", zero_init=True, additional_buffer_factor=1.0)
+                psi,
+                shape.largest_param,
+                per_node,
+                nodes,
+                cpu_offload=offload != "none",
+                cpu_offload_params=offload == "all",
+                zero_init=True,
+                additional_buffer_factor=1.0,
+            )
             device, host = gpu, cpu // per_node if offload != "none" else 0
             states = device + host
             source = "deepspeed estimate_zero3_model_states_mem_needs"
@@ -146,17 +167,31 @@ def plan(shape: ModelShape, ranks: int, stages: tuple[int, ...] = (0, 1, 2, 3), 
     return rows
 
 
-def format_plan(name: str, shape: ModelShape, ranks: int, rows: list[StagePlan], offload: str, precision: str,
-                micro_batch: int, seq_len: int) -> str:
-    lines = [f"{name}: {shape.params / 1e6:.1f}M parameters (largest tensor {shape.largest_param / 1e6:.1f}M), "
-             f"{ranks} rank(s), {precision}, offload {offload}, micro batch {micro_batch} x {seq_len} tokens",
-             f"{'stage':>5} {'per-rank device':>16} {'per-rank host':>14} {'model states':>13} {'activations':>12}"
-             "   estimate"]
+def format_plan(
+    name: str,
+    shape: ModelShape,
+    ranks: int,
+    rows: list[StagePlan],
+    offload: str,
+    precision: str,
+    micro_batch: int,
+    seq_len: int,
+) -> str:
+    lines = [
+        f"{name}: {shape.params / 1e6:.1f}M parameters (largest tensor {shape.largest_param / 1e6:.1f}M), "
+        f"{ranks} rank(s), {precision}, offload {offload}, micro batch {micro_batch} x {seq_len} tokens",
+        f"{'stage':>5} {'per-rank device':>16} {'per-rank host':>14} {'model states':>13} {'activations':>12}"
+        "   estimate",
+    ]
     for r in rows:
-        lines.append(f"{r.stage:>5} {r.device_gib:>13.2f} GB {r.host_gib:>11.2f} GB {r.model_states_gib:>10.2f} GB "
-                     f"{r.activations_gib:>9.2f} GB   {r.source}")
-    lines.append("device = model states on the accelerator + activations (host memory on CPU-only runs); "
-                 "add ~1 GB per rank for the framework itself")
+        lines.append(
+            f"{r.stage:>5} {r.device_gib:>13.2f} GB {r.host_gib:>11.2f} GB {r.model_states_gib:>10.2f} GB "
+            f"{r.activations_gib:>9.2f} GB   {r.source}"
+        )
+    lines.append(
+        "device = model states on the accelerator + activations (host memory on CPU-only runs); "
+        "add ~1 GB per rank for the framework itself"
+    )
     return "\n".join(lines)
 
 
@@ -277,8 +312,10 @@ class Materialized:
 
         PartitionedParameterCoordinator.fetch_sub_module = fetch_and_sample
         deepspeed.zero.GatheredParameters.__enter__ = enter_and_sample
-        self._restore = [(PartitionedParameterCoordinator, "fetch_sub_module", fetch),
-                         (deepspeed.zero.GatheredParameters, "__enter__", enter)]
+        self._restore = [
+            (PartitionedParameterCoordinator, "fetch_sub_module", fetch),
+            (deepspeed.zero.GatheredParameters, "__enter__", enter),
+        ]
         self._stop = threading.Event()
 
         def sampler():

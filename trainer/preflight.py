@@ -140,14 +140,16 @@ def ds_settings(cfg: dict[str, Any]) -> tuple[int, str, str]:
     """(ZeRO stage, offload none|optimizer|all, precision fp32|bf16|fp16) of a DeepSpeed config."""
     zero = cfg.get("zero_optimization", {})
     device = lambda k: (zero.get(k) or {}).get("device", "none")  # noqa: E731
-    offload = "all" if device("offload_param") != "none" else "optimizer" if device("offload_optimizer") != "none" \
-        else "none"
+    offload = (
+        "all" if device("offload_param") != "none" else "optimizer" if device("offload_optimizer") != "none" else "none"
+    )
     prec = "bf16" if cfg.get("bf16", {}).get("enabled") else "fp16" if cfg.get("fp16", {}).get("enabled") else "fp32"
     return int(zero.get("stage", 0)), offload, prec
 
 
-def engine_fit(recipe: Any, model_name: str, res: Resources, where: str, seq_len: int, out: Checked,
-               vocab_size: int | None = None) -> None:
+def engine_fit(
+    recipe: Any, model_name: str, res: Resources, where: str, seq_len: int, out: Checked, vocab_size: int | None = None
+) -> None:
     """The recipe's ds_config and batch on `res`: batch arithmetic, precision, and the memory planner's estimate."""
     from trainer.engine import batch_plan, build_ds_config, load_ds_config
     from trainer.memory import ModelShape, plan
@@ -160,11 +162,15 @@ def engine_fit(recipe: Any, model_name: str, res: Resources, where: str, seq_len
     build_ds_config(base, path, recipe.train, bp, where, hidden_size=256)  # conflicting keys; sizes don't matter
     stage, offload, prec = ds_settings(base)
     if prec == "fp16" and not res.gpus_per_node:
-        raise UserError(f"{path}: fp16 needs GPUs, and the job requests none (add --gpus-per-node, or use an fp32 "
-                        "config such as zero2)")
+        raise UserError(
+            f"{path}: fp16 needs GPUs, and the job requests none (add --gpus-per-node, or use an fp32 "
+            "config such as zero2)"
+        )
     if res.gpus_per_node and res.tasks_per_node != res.gpus_per_node:
-        raise UserError(f"{res.gpus_per_node} GPU(s) per node but {res.tasks_per_node} task(s) per node: wellread "
-                        f"runs one process per GPU (use --ntasks-per-node={res.gpus_per_node})")
+        raise UserError(
+            f"{res.gpus_per_node} GPU(s) per node but {res.tasks_per_node} task(s) per node: wellread "
+            f"runs one process per GPU (use --ntasks-per-node={res.gpus_per_node})"
+        )
     try:
         shape = ModelShape.of(model_name, vocab_size)
     except (UserError, OSError, ValueError):
@@ -173,14 +179,18 @@ def engine_fit(recipe: Any, model_name: str, res: Resources, where: str, seq_len
     row = plan(shape, res.ranks, (stage,), offload, prec, recipe.train.micro_batch, seq_len, res.tasks_per_node)[0]
     need = row.device_gib + FRAMEWORK_GIB
     kind = "GPU" if res.gpus_per_node else "host"
-    line = (f"{model_name}: ZeRO-{stage} {prec} offload {offload} on {res.ranks} rank(s), micro batch "
-            f"{recipe.train.micro_batch} x {seq_len}: ~{need:.2f} GiB {kind} memory per rank "
-            f"({row.model_states_gib:.2f} model states + {row.activations_gib:.2f} activations + "
-            f"{FRAMEWORK_GIB:.0f} framework)")
+    line = (
+        f"{model_name}: ZeRO-{stage} {prec} offload {offload} on {res.ranks} rank(s), micro batch "
+        f"{recipe.train.micro_batch} x {seq_len}: ~{need:.2f} GiB {kind} memory per rank "
+        f"({row.model_states_gib:.2f} model states + {row.activations_gib:.2f} activations + "
+        f"{FRAMEWORK_GIB:.0f} framework)"
+    )
     if res.gpus_per_node and res.gpu_mem_gib is not None and need > res.gpu_mem_gib:
-        raise UserError(f"{where}: {path.name} does not fit {res.gpus_per_node} x {res.gpu_mem_gib:g} GiB GPU(s) per "
-                        f"node: {line}; use a higher ZeRO stage, offload, a smaller micro batch or more GPUs "
-                        "(see `wellread plan-memory`)")
+        raise UserError(
+            f"{where}: {path.name} does not fit {res.gpus_per_node} x {res.gpu_mem_gib:g} GiB GPU(s) per "
+            f"node: {line}; use a higher ZeRO stage, offload, a smaller micro batch or more GPUs "
+            "(see `wellread plan-memory`)"
+        )
     out.add(line)
 
 
@@ -205,8 +215,9 @@ def grid_models(spec: str | None = None) -> list[str]:
     return [f"bert-L{layers}-H{hidden}" for layers in STUDENT_LAYERS for hidden in STUDENT_HIDDEN]
 
 
-def check_stage(stage: str, argv: Sequence[str], res: Resources, produced: Sequence[Path] = (),
-                models: str | None = None) -> Checked:
+def check_stage(
+    stage: str, argv: Sequence[str], res: Resources, produced: Sequence[Path] = (), models: str | None = None
+) -> Checked:
     """Raise a one-line UserError for the first problem of `wellread STAGE ARGV` on `res`; else say what passed."""
     out = Checked()
     if stage not in STAGES:
@@ -227,8 +238,15 @@ def check_evaluate(model_dir: str, task: str, split: str, data_root: str | None,
     task_split(task, split, data_root, "evaluate --task")
 
 
-def check_recipe(stage: str, recipe: Any, where: str, res: Resources, out: Checked, produced: Sequence[Path] = (),
-                 models: str | None = None) -> None:
+def check_recipe(
+    stage: str,
+    recipe: Any,
+    where: str,
+    res: Resources,
+    out: Checked,
+    produced: Sequence[Path] = (),
+    models: str | None = None,
+) -> None:
     """The checks of a parsed recipe (`where` names it in errors); pipeline nodes come here directly."""
     if stage in ("pretrain", "pretrain-grid"):
         d = recipe.data
@@ -236,8 +254,10 @@ def check_recipe(stage: str, recipe: Any, where: str, res: Resources, out: Check
         if stage == "pretrain-grid" and res.array is not None:
             bad = [i for i in res.array if not 0 <= i < len(names)]
             if bad:
-                raise UserError(f"--array task {bad[0]} has no model: the grid has {len(names)} (0..{len(names) - 1};"
-                                " $WELLREAD_MODELS chooses others)")
+                raise UserError(
+                    f"--array task {bad[0]} has no model: the grid has {len(names)} (0..{len(names) - 1};"
+                    " $WELLREAD_MODELS chooses others)"
+                )
             names = [names[i] for i in res.array]
         readable_dir(d.train, f"{where}: data.train", produced)
         if d.eval:
@@ -300,8 +320,10 @@ def _preprocess(argv: Sequence[str], res: Resources, out: Checked) -> Checked:
     writable_parent(args.out, "preprocess --out")
     tasks = len(res.array) if res.array else 1
     if tasks > 1 and len(args.inputs) < tasks:
-        raise UserError(f"preprocess: {tasks} array tasks but only {len(args.inputs)} input file(s): each task needs "
-                        f"at least one (use --array=0-{max(len(args.inputs) - 1, 0)})")
+        raise UserError(
+            f"preprocess: {tasks} array tasks but only {len(args.inputs)} input file(s): each task needs "
+            f"at least one (use --array=0-{max(len(args.inputs) - 1, 0)})"
+        )
     out.add(f"check passed: preprocess {len(args.inputs)} file(s) in {tasks} task(s) -> {args.out}")
     return out
 

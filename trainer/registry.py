@@ -29,27 +29,67 @@ class Command:
 
 COMMANDS: tuple[Command, ...] = (
     Command("models", "trainer.models.zoo", "print the model grid with parameter counts"),
-    Command("preprocess", "trainer.stages.preprocess", "tokenize a corpus into memory-mapped token shards",
-            script="preprocess.sbatch", checked=True),
-    Command("pretrain", "trainer.stages.pretrain", "MLM pre-training (DeepSpeed)",
-            "trainer.recipes.pretrain:PretrainRecipe", "pretrain_grid.sbatch", checked=True),
-    Command("finetune", "trainer.stages.finetune", "fine-tune on a labeled task",
-            "trainer.recipes.finetune:FinetuneRecipe", "finetune.sbatch", checked=True),
-    Command("label", "trainer.stages.label", "pre-compute teacher soft labels into a sharded store",
-            "trainer.recipes.label:LabelRecipe", "label.sbatch", checked=True),
-    Command("evaluate", "trainer.stages.evaluate", "evaluate a classifier on a labeled task (metrics JSON)",
-            script="evaluate.sbatch", checked=True),
-    Command("distill", "trainer.stages.distill", "distil a student from soft labels or an online teacher",
-            "trainer.recipes.distill:DistillRecipe", "distill.sbatch", checked=True),
-    Command("evaluate-mlm", "trainer.stages.evaluate_mlm",
-            "masked-token loss and accuracy of a model on held-out text"),
+    Command(
+        "preprocess",
+        "trainer.stages.preprocess",
+        "tokenize a corpus into memory-mapped token shards",
+        script="preprocess.sbatch",
+        checked=True,
+    ),
+    Command(
+        "pretrain",
+        "trainer.stages.pretrain",
+        "MLM pre-training (DeepSpeed)",
+        "trainer.recipes.pretrain:PretrainRecipe",
+        "pretrain_grid.sbatch",
+        checked=True,
+    ),
+    Command(
+        "finetune",
+        "trainer.stages.finetune",
+        "fine-tune on a labeled task",
+        "trainer.recipes.finetune:FinetuneRecipe",
+        "finetune.sbatch",
+        checked=True,
+    ),
+    Command(
+        "label",
+        "trainer.stages.label",
+        "pre-compute teacher soft labels into a sharded store",
+        "trainer.recipes.label:LabelRecipe",
+        "label.sbatch",
+        checked=True,
+    ),
+    Command(
+        "evaluate",
+        "trainer.stages.evaluate",
+        "evaluate a classifier on a labeled task (metrics JSON)",
+        script="evaluate.sbatch",
+        checked=True,
+    ),
+    Command(
+        "distill",
+        "trainer.stages.distill",
+        "distil a student from soft labels or an online teacher",
+        "trainer.recipes.distill:DistillRecipe",
+        "distill.sbatch",
+        checked=True,
+    ),
+    Command(
+        "evaluate-mlm", "trainer.stages.evaluate_mlm", "masked-token loss and accuracy of a model on held-out text"
+    ),
     Command("plan-memory", "trainer.stages.plan_memory", "per-rank memory of a model at each ZeRO stage, before a job"),
     Command("init-student", "trainer.stages.init_student", "a shallower student copied from chosen teacher layers"),
-    Command("pipeline", "trainer.stages.pipeline", "run a whole study (every stage, cached) and write its results",
-            "trainer.pipeline.study:StudyRecipe"),
+    Command(
+        "pipeline",
+        "trainer.stages.pipeline",
+        "run a whole study (every stage, cached) and write its results",
+        "trainer.pipeline.study:StudyRecipe",
+    ),
     Command("report", "trainer.stages.report", "rebuild a study's results.md/json and plot from its finished runs"),
-    Command("check", "trainer.stages.check",
-            "dry run before sbatch: recipe, models, data paths, ds_config fit on the GPUs"),
+    Command(
+        "check", "trainer.stages.check", "dry run before sbatch: recipe, models, data paths, ds_config fit on the GPUs"
+    ),
 )
 BY_NAME = {c.name: c for c in COMMANDS}
 #: stages driven by a YAML recipe that a study graph writes (the pipeline's own recipe is the study)

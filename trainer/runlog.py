@@ -19,8 +19,15 @@ import torch
 
 
 class RunLogger:
-    def __init__(self, out_dir: Path, enabled: bool, total_steps: int, start_step: int = 0,
-                 tensorboard: bool = True, log_every: int = 10):
+    def __init__(
+        self,
+        out_dir: Path,
+        enabled: bool,
+        total_steps: int,
+        start_step: int = 0,
+        tensorboard: bool = True,
+        log_every: int = 10,
+    ):
         self.enabled, self.total, self.log_every = enabled, total_steps, max(1, log_every)
         self.start_step, self.t0 = start_step, time.time()
         self.tb = None

@@ -48,8 +48,14 @@ def transfer_section(n: int) -> dict:
     imdb = data / "imdb" / "train.jsonl.gz"
     if not imdb.is_file():
         imdb = ROOT / "tests" / "fixtures" / "data" / "imdb" / "train.jsonl.gz"
-    return {"files": [str(imdb)], "text_field": "text", "split_sentences": True, "strip_html": True,
-            "min_chars": 20, "max_examples": n}
+    return {
+        "files": [str(imdb)],
+        "text_field": "text",
+        "split_sentences": True,
+        "strip_html": True,
+        "min_chars": 20,
+        "max_examples": n,
+    }
 
 
 def save_classifier(kind: str, out: Path) -> Path:
@@ -76,21 +82,26 @@ def wellread(device: str, *args: str) -> None:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU comparison on a GPU machine: wellread must not take the GPU
-    proc = subprocess.run([sys.executable, "-m", "trainer.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     if proc.returncode:
         raise SystemExit(f"wellread {' '.join(args)} failed:\n{proc.stderr[-4000:]}")
 
 
 def wellread_rate(out: Path) -> float:
-    rates = [json.loads(line)["train/examples_per_s"] for line in (out / "metrics.jsonl").read_text().splitlines()
-             if "train/examples_per_s" in line]
+    rates = [
+        json.loads(line)["train/examples_per_s"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if "train/examples_per_s" in line
+    ]
     rates = rates[1:] or rates  # the first interval includes warm-up
     return sum(rates) / len(rates)
 
 
-def plain_rate(teacher_dir: Path | None, tok_dir: Path, student: str, texts: list[str], batch: int,
-               steps: int, device: str = "cpu") -> float:
+def plain_rate(
+    teacher_dir: Path | None, tok_dir: Path, student: str, texts: list[str], batch: int, steps: int, device: str = "cpu"
+) -> float:
     """The baseline loop (teacher_dir None: the student step alone), in examples/s.
 
     On CUDA: teacher and student on the GPU, forwards and loss under bf16 autocast, fused AdamW."""
@@ -144,8 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--students", default="bert-L2-H128,bert-L4-H256")
     p.add_argument("--teachers", default="minilm,bert-base")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    p.add_argument("--ds-config", default=None, help="wellread's engine config (default: zero1_bf16 on CUDA, "
-                   "zero0 on CPU)")
+    p.add_argument(
+        "--ds-config", default=None, help="wellread's engine config (default: zero1_bf16 on CUDA, zero0 on CPU)"
+    )
     p.add_argument("--out", default="bench-distill.json")
     args = p.parse_args(argv)
 
@@ -164,13 +176,20 @@ def main(argv: list[str] | None = None) -> int:
 
     transfer = transfer_section(args.examples)
     texts = [text for text, _ in transfer_examples(TransferSection(**transfer))]
-    results = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-               "torch_threads": torch.get_num_threads(), "examples": len(texts), "batch": args.batch,
-               "steps": args.steps, "device": args.device,
-               "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-               "ds_config": args.ds_config, "torch": torch.__version__,
-               "baseline": "bf16 autocast, fused AdamW, on the GPU" if args.device == "cuda" else "fp32, AdamW",
-               "rows": []}
+    results = {
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "examples": len(texts),
+        "batch": args.batch,
+        "steps": args.steps,
+        "device": args.device,
+        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+        "ds_config": args.ds_config,
+        "torch": torch.__version__,
+        "baseline": "bf16 autocast, fused AdamW, on the GPU" if args.device == "cuda" else "fp32, AdamW",
+        "rows": [],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         tok_dir = tmp / "tokenizer"
@@ -178,21 +197,35 @@ def main(argv: list[str] | None = None) -> int:
         for teacher_kind in args.teachers.split(","):
             teacher = save_classifier(teacher_kind, tmp / f"teacher-{teacher_kind}")
             store = tmp / f"store-{teacher_kind}"
-            (tmp / "label.yaml").write_text(json.dumps({
-                "teacher": str(teacher), "transfer": transfer,
-                "output": {"out_dir": str(store), "kind": "classification", "batch_size": 64}}))
+            (tmp / "label.yaml").write_text(
+                json.dumps(
+                    {
+                        "teacher": str(teacher),
+                        "transfer": transfer,
+                        "output": {"out_dir": str(store), "kind": "classification", "batch_size": 64},
+                    }
+                )
+            )
             wellread(args.device, "label", str(tmp / "label.yaml"))
             for student in args.students.split(","):
                 row = {"teacher": teacher_kind, "student": student}
                 for mode in ("store", "online"):
                     out = tmp / f"{teacher_kind}-{student}-{mode}"
                     data = {"store": str(store)} if mode == "store" else {"transfer": transfer}
-                    recipe = {"data": {**data, "verify": "size"}, "model": {"name": student},
-                              "teacher": {"model": str(teacher) if mode == "online" else None},
-                              "train": {"epochs": None, "steps": args.steps + 4, "micro_batch": args.batch,
-                                        "global_batch": args.batch, "lr": 1e-4},
-                              "engine": {"ds_config": args.ds_config},
-                              "run": {"out_dir": str(out), "log_every": 4, "tensorboard": False}}
+                    recipe = {
+                        "data": {**data, "verify": "size"},
+                        "model": {"name": student},
+                        "teacher": {"model": str(teacher) if mode == "online" else None},
+                        "train": {
+                            "epochs": None,
+                            "steps": args.steps + 4,
+                            "micro_batch": args.batch,
+                            "global_batch": args.batch,
+                            "lr": 1e-4,
+                        },
+                        "engine": {"ds_config": args.ds_config},
+                        "run": {"out_dir": str(out), "log_every": 4, "tensorboard": False},
+                    }
                     (tmp / "d.yaml").write_text(json.dumps(recipe))
                     wellread(args.device, "distill", str(tmp / "d.yaml"))
                     row[f"wellread_{mode}"] = wellread_rate(out)

@@ -64,9 +64,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 # Run as a script, this file's folder is sys.path[0] and "kernels" would resolve to this very file.
-sys.path[:] = [str(ROOT)] + [
-    p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()
-]
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
 
 HEAD_LOSSES = ("ce", "kd-dense", "kd-topk")
 ELEMENTWISE = ("ln", "gelu")
@@ -120,9 +118,7 @@ def _make_inputs(args: argparse.Namespace, device: str):
         teacher = (torch.randn(n, v, generator=gen) * 2).to(device, dtype)
     if "kd-topk" in args.worker:
         ids = torch.stack([torch.randperm(v, generator=gen)[: args.topk] for _ in range(n)]).to(device)
-        logprobs = torch.log_softmax(torch.randn(n, args.topk, generator=gen) * 2, -1).to(
-            device, torch.float16
-        )
+        logprobs = torch.log_softmax(torch.randn(n, args.topk, generator=gen) * 2, -1).to(device, torch.float16)
         topk = (ids, logprobs)
     return hidden, weight, bias, labels, teacher, topk
 
@@ -476,9 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['loss']:9s} " + "\n          ".join(parts))
     if args.out:
         payload = {
-            "command": " ".join(
-                [Path(sys.executable).name, "tools/bench/kernels.py", *(argv or sys.argv[1:])]
-            ),
+            "command": " ".join([Path(sys.executable).name, "tools/bench/kernels.py", *(argv or sys.argv[1:])]),
             "machine": _machine(args.device),
             "config": {k: v for k, v in vars(args).items() if k not in ("worker", "out")},
             "results": results,

@@ -53,8 +53,14 @@ print(json.dumps({"tokens": len(grouped) * seq_len, "sequences": len(grouped), "
 def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
     """-> (wall seconds, peak summed RSS of the process tree in MiB, stdout)."""
     t0 = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})},
+    )
     peak = 0.0
     root = psutil.Process(proc.pid)
     while proc.poll() is None:
@@ -108,26 +114,58 @@ def main() -> None:
             row = {"workers": workers}
             for label, files in (("1x", one), ("4x", four)):
                 out = tmp / f"ours-{workers}-{label}"
-                secs, peak, _ = measure([sys.executable, "tools/preprocess_corpus.py", *map(str, files),
-                                         "--out", str(out),
-                                         "--seq-len", str(args.seq_len), "--workers", str(workers), "--no-progress"])
+                secs, peak, _ = measure(
+                    [
+                        sys.executable,
+                        "tools/preprocess_corpus.py",
+                        *map(str, files),
+                        "--out",
+                        str(out),
+                        "--seq-len",
+                        str(args.seq_len),
+                        "--workers",
+                        str(workers),
+                        "--no-progress",
+                    ]
+                )
                 tokens = json.loads((out / "manifest.json").read_text())["stats"]["tokens"]
-                row[f"ours_{label}"] = {"seconds": secs, "tokens": tokens, "tokens_per_s": tokens / secs,
-                                        "peak_rss_mb": peak}
-            secs, peak, out = measure([sys.executable, "-c", HF_SCRIPT, ",".join(map(str, one)), str(minilm_dir()),
-                                       str(args.seq_len), str(workers), str(tmp / f"hf-cache-{workers}")])
+                row[f"ours_{label}"] = {
+                    "seconds": secs,
+                    "tokens": tokens,
+                    "tokens_per_s": tokens / secs,
+                    "peak_rss_mb": peak,
+                }
+            secs, peak, out = measure(
+                [
+                    sys.executable,
+                    "-c",
+                    HF_SCRIPT,
+                    ",".join(map(str, one)),
+                    str(minilm_dir()),
+                    str(args.seq_len),
+                    str(workers),
+                    str(tmp / f"hf-cache-{workers}"),
+                ]
+            )
             hf = json.loads(out.strip().splitlines()[-1])
-            row["hf_1x"] = {"seconds": secs, "tokens": hf["tokens"], "tokens_per_s": hf["tokens"] / secs,
-                            "peak_rss_mb": peak}
+            row["hf_1x"] = {
+                "seconds": secs,
+                "tokens": hf["tokens"],
+                "tokens_per_s": hf["tokens"] / secs,
+                "peak_rss_mb": peak,
+            }
             row["speedup_tokens_per_s"] = row["ours_1x"]["tokens_per_s"] / row["hf_1x"]["tokens_per_s"]
             row["ours_peak_4x_over_1x"] = row["ours_4x"]["peak_rss_mb"] / row["ours_1x"]["peak_rss_mb"]
             row["peak_rss_hf_over_ours"] = row["hf_1x"]["peak_rss_mb"] / row["ours_1x"]["peak_rss_mb"]
             results["runs"].append(row)
-            print(f"workers={workers}: ours {row['ours_1x']['tokens_per_s']:,.0f} tok/s "
-                  f"(peak {row['ours_1x']['peak_rss_mb']:.0f} MiB; 4x corpus {row['ours_4x']['peak_rss_mb']:.0f} MiB, "
-                  f"ratio {row['ours_peak_4x_over_1x']:.2f}) | HF datasets.map+group_texts "
-                  f"{row['hf_1x']['tokens_per_s']:,.0f} tok/s (peak {row['hf_1x']['peak_rss_mb']:.0f} MiB) | "
-                  f"speedup {row['speedup_tokens_per_s']:.2f}x", flush=True)
+            print(
+                f"workers={workers}: ours {row['ours_1x']['tokens_per_s']:,.0f} tok/s "
+                f"(peak {row['ours_1x']['peak_rss_mb']:.0f} MiB; 4x corpus {row['ours_4x']['peak_rss_mb']:.0f} MiB, "
+                f"ratio {row['ours_peak_4x_over_1x']:.2f}) | HF datasets.map+group_texts "
+                f"{row['hf_1x']['tokens_per_s']:,.0f} tok/s (peak {row['hf_1x']['peak_rss_mb']:.0f} MiB) | "
+                f"speedup {row['speedup_tokens_per_s']:.2f}x",
+                flush=True,
+            )
     results["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")

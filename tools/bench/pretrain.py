@@ -115,22 +115,45 @@ def _env(device: str) -> dict[str, str]:
     return env
 
 
-def run_ours(corpus: Path, name: str, batch: int, steps: int, warmup: int, ds: str, peak_tflops: float,
-             device: str, tmp: Path) -> dict:
+def run_ours(
+    corpus: Path, name: str, batch: int, steps: int, warmup: int, ds: str, peak_tflops: float, device: str, tmp: Path
+) -> dict:
     out = tmp / f"ours-{name}-{ds}"
     recipe = tmp / "bench.yaml"
-    recipe.write_text(json.dumps({
-        "data": {"train": str(corpus), "verify": "size"},
-        "model": {"name": name},
-        "train": {"steps": steps, "micro_batch": batch, "global_batch": batch, "lr": 1e-4, "warmup_steps": 0,
-                  "clip": 1.0, "weight_decay": 0.01, "eps": 1e-6},
-        "engine": {"ds_config": ds},
-        "run": {"out_dir": str(out), "log_every": 1, "ckpt_every": 0, "tensorboard": False,
-                "peak_tflops": peak_tflops},
-    }))
+    recipe.write_text(
+        json.dumps(
+            {
+                "data": {"train": str(corpus), "verify": "size"},
+                "model": {"name": name},
+                "train": {
+                    "steps": steps,
+                    "micro_batch": batch,
+                    "global_batch": batch,
+                    "lr": 1e-4,
+                    "warmup_steps": 0,
+                    "clip": 1.0,
+                    "weight_decay": 0.01,
+                    "eps": 1e-6,
+                },
+                "engine": {"ds_config": ds},
+                "run": {
+                    "out_dir": str(out),
+                    "log_every": 1,
+                    "ckpt_every": 0,
+                    "tensorboard": False,
+                    "peak_tflops": peak_tflops,
+                },
+            }
+        )
+    )
     t = time.time()
-    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "pretrain", str(recipe)], cwd=ROOT, env=_env(device),
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.cli", "pretrain", str(recipe)],
+        cwd=ROOT,
+        env=_env(device),
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode:
         raise SystemExit(proc.stderr[-3000:])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -141,10 +164,16 @@ def run_ours(corpus: Path, name: str, batch: int, steps: int, warmup: int, ds: s
     secs = sum(dts)
     tokens = sum(r["train/tokens_per_s"] * dt for r, dt in zip(rows, dts))
     sequences = sum(r["train/examples_per_s"] * dt for r, dt in zip(rows, dts))
-    result = {"tokens_per_s": tokens / secs, "sequences_per_s": sequences / secs, "steps_per_s": len(rows) / secs,
-              # each row's MFU is its FLOPs / (its seconds x peak): the time-weighted mean is the whole run's
-              "mfu": sum(r["train/mfu"] * dt for r, dt in zip(rows, dts)) / secs,
-              "wall_s": time.time() - t, "final_loss": rows[-1]["train/loss"], "ds_config": ds}
+    result = {
+        "tokens_per_s": tokens / secs,
+        "sequences_per_s": sequences / secs,
+        "steps_per_s": len(rows) / secs,
+        # each row's MFU is its FLOPs / (its seconds x peak): the time-weighted mean is the whole run's
+        "mfu": sum(r["train/mfu"] * dt for r, dt in zip(rows, dts)) / secs,
+        "wall_s": time.time() - t,
+        "final_loss": rows[-1]["train/loss"],
+        "ds_config": ds,
+    }
     memory = [r["train/cuda_max_allocated_mb"] for r in rows if "train/cuda_max_allocated_mb" in r]
     if memory:
         result["max_memory_allocated_mib"] = max(memory)
@@ -178,21 +207,36 @@ def choose_peak(args: argparse.Namespace) -> tuple[float, str, str | None]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus", type=Path, required=True,
-                   help="shard directory from tools/preprocess_corpus.py (it decides the sequence length)")
+    p.add_argument(
+        "--corpus",
+        type=Path,
+        required=True,
+        help="shard directory from tools/preprocess_corpus.py (it decides the sequence length)",
+    )
     p.add_argument("--models", nargs="+", default=["bert-L2-H128", "bert-L4-H256", "bert-L4-H512"])
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    p.add_argument("--ds-config", default=None,
-                   help="wellread's engine config (default: zero1_bf16 on CUDA, zero0 on CPU; one process, so "
-                        "ZeRO has nothing to shard)")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="MFU denominator for both sides (default: the GPU's dense bf16 datasheet figure; "
-                        "measured on CPU or an unknown GPU)")
-    p.add_argument("--loader-workers", type=int, default=None,
-                   help="baseline DataLoader workers (default: 2 on CUDA, 0 = collate in the loop on CPU)")
+    p.add_argument(
+        "--ds-config",
+        default=None,
+        help="wellread's engine config (default: zero1_bf16 on CUDA, zero0 on CPU; one process, so "
+        "ZeRO has nothing to shard)",
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="MFU denominator for both sides (default: the GPU's dense bf16 datasheet figure; "
+        "measured on CPU or an unknown GPU)",
+    )
+    p.add_argument(
+        "--loader-workers",
+        type=int,
+        default=None,
+        help="baseline DataLoader workers (default: 2 on CUDA, 0 = collate in the loop on CPU)",
+    )
     p.add_argument("--out", type=Path, default=Path("bench-pretrain.json"))
     args = p.parse_args(argv)
     if args.warmup >= args.steps:
@@ -215,40 +259,88 @@ def main(argv: list[str] | None = None) -> None:
 
     seq_len = TokenShards(args.corpus, verify="size").seq_len
     peak, peak_source, gpu = choose_peak(args)
-    results = {"corpus": str(args.corpus), "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
-               "seq_len": seq_len, "device": args.device, "gpu": gpu, "threads": torch.get_num_threads(),
-               "peak_flops": peak, "peak_tflops": peak / 1e12, "peak_source": peak_source,
-               "ds_config": args.ds_config, "loader_workers": args.loader_workers,
-               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                           "python": platform.python_version(), "torch": torch.__version__},
-               "models": []}
-    print(f"device {args.device}{f' ({gpu})' if gpu else ''}, seq_len {seq_len} (from the corpus), "
-          f"peak {peak / 1e12:,.1f} TFLOP/s ({peak_source}), wellread ds_config {args.ds_config}", flush=True)
+    results = {
+        "corpus": str(args.corpus),
+        "batch": args.batch,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "seq_len": seq_len,
+        "device": args.device,
+        "gpu": gpu,
+        "threads": torch.get_num_threads(),
+        "peak_flops": peak,
+        "peak_tflops": peak / 1e12,
+        "peak_source": peak_source,
+        "ds_config": args.ds_config,
+        "loader_workers": args.loader_workers,
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "models": [],
+    }
+    print(
+        f"device {args.device}{f' ({gpu})' if gpu else ''}, seq_len {seq_len} (from the corpus), "
+        f"peak {peak / 1e12:,.1f} TFLOP/s ({peak_source}), wellread ds_config {args.ds_config}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            ours = run_ours(args.corpus, name, args.batch, args.steps, args.warmup, args.ds_config, peak / 1e12,
-                            args.device, Path(tmp))
-            cfg = {"root": str(ROOT), "corpus": str(args.corpus), "model": name, "batch": args.batch,
-                   "steps": args.steps, "warmup": args.warmup, "device": args.device,
-                   "loader_workers": args.loader_workers}
+            ours = run_ours(
+                args.corpus,
+                name,
+                args.batch,
+                args.steps,
+                args.warmup,
+                args.ds_config,
+                peak / 1e12,
+                args.device,
+                Path(tmp),
+            )
+            cfg = {
+                "root": str(ROOT),
+                "corpus": str(args.corpus),
+                "model": name,
+                "batch": args.batch,
+                "steps": args.steps,
+                "warmup": args.warmup,
+                "device": args.device,
+                "loader_workers": args.loader_workers,
+            }
             t = time.time()
-            proc = subprocess.run([sys.executable, "-c", BASELINE, json.dumps(cfg)], capture_output=True, text=True,
-                                  cwd=ROOT, env=_env(args.device))
+            proc = subprocess.run(
+                [sys.executable, "-c", BASELINE, json.dumps(cfg)],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+                env=_env(args.device),
+            )
             if proc.returncode:
                 raise SystemExit(proc.stderr[-3000:])
             hf = json.loads(proc.stdout.strip().splitlines()[-1])
             hf["wall_s"] = time.time() - t
             tokens_per_step = hf["tokens_per_s"] / hf["steps_per_s"]
-            hf["mfu"] = transformer_flops(bert_config(name), int(tokens_per_step), seq_len, int(tokens_per_step)) \
-                * hf["steps_per_s"] / peak
-            row = {"model": name, "wellread": ours, "hf_baseline": hf,
-                   "speedup": ours["tokens_per_s"] / hf["tokens_per_s"],
-                   "speedup_sequences": ours["sequences_per_s"] / hf["sequences_per_s"]}
+            hf["mfu"] = (
+                transformer_flops(bert_config(name), int(tokens_per_step), seq_len, int(tokens_per_step))
+                * hf["steps_per_s"]
+                / peak
+            )
+            row = {
+                "model": name,
+                "wellread": ours,
+                "hf_baseline": hf,
+                "speedup": ours["tokens_per_s"] / hf["tokens_per_s"],
+                "speedup_sequences": ours["sequences_per_s"] / hf["sequences_per_s"],
+            }
             results["models"].append(row)
-            print(f"{name}: wellread {ours['tokens_per_s']:,.0f} tok/s {ours['sequences_per_s']:,.1f} seq/s "
-                  f"(MFU {ours['mfu']:.1%}) | HF baseline {hf['tokens_per_s']:,.0f} tok/s "
-                  f"{hf['sequences_per_s']:,.1f} seq/s (MFU {hf['mfu']:.1%}) | speedup {row['speedup']:.2f}x",
-                  flush=True)
+            print(
+                f"{name}: wellread {ours['tokens_per_s']:,.0f} tok/s {ours['sequences_per_s']:,.1f} seq/s "
+                f"(MFU {ours['mfu']:.1%}) | HF baseline {hf['tokens_per_s']:,.0f} tok/s "
+                f"{hf['sequences_per_s']:,.1f} seq/s (MFU {hf['mfu']:.1%}) | speedup {row['speedup']:.2f}x",
+                flush=True,
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")

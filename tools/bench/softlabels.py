@@ -84,9 +84,11 @@ def mlm_arrays(n: int, seq: int, k: int, vocab: int, pool: tuple[np.ndarray, np.
     """Dense [n, seq(, k)] arrays in the store's dtypes: positions draw their top-k from the realistic pool."""
     rng = np.random.default_rng(seed)
     rows = rng.integers(0, len(pool[0]), size=(n, seq))
-    return {"tokens": rng.integers(999, vocab, size=(n, seq)).astype(np.uint16),  # past BERT's [unused] block
-            "topk_ids": pool[0][rows, :k].astype(np.uint16),
-            "topk_logprobs": pool[1][rows, :k].astype(np.float16)}
+    return {
+        "tokens": rng.integers(999, vocab, size=(n, seq)).astype(np.uint16),  # past BERT's [unused] block
+        "topk_ids": pool[0][rows, :k].astype(np.uint16),
+        "topk_logprobs": pool[1][rows, :k].astype(np.float16),
+    }
 
 
 def write_classification(directory: Path, logits: np.ndarray, gold: np.ndarray, part_examples: int) -> float:
@@ -94,10 +96,11 @@ def write_classification(directory: Path, logits: np.ndarray, gold: np.ndarray, 
 
     t = time.perf_counter()
     n, c = logits.shape
-    with SoftLabelWriter(directory, make_writer_id(0, 1, 0, 1), "classification", num_classes=c,
-                         part_examples=part_examples) as w:
+    with SoftLabelWriter(
+        directory, make_writer_id(0, 1, 0, 1), "classification", num_classes=c, part_examples=part_examples
+    ) as w:
         for a in range(0, n, 2048):  # the labeler's window size (batch 64 x 32)
-            w.add_classification(np.arange(a, min(a + 2048, n)), logits[a:a + 2048], gold[a:a + 2048])
+            w.add_classification(np.arange(a, min(a + 2048, n)), logits[a : a + 2048], gold[a : a + 2048])
     finalize(directory, HEADER, expected_examples=n)
     return time.perf_counter() - t
 
@@ -107,12 +110,17 @@ def write_mlm(directory: Path, arrays: dict, k: int, vocab: int, part_examples: 
 
     t = time.perf_counter()
     n = len(arrays["tokens"])
-    with SoftLabelWriter(directory, make_writer_id(0, 1, 0, 1), "mlm", k=k, vocab_size=vocab,
-                         part_examples=part_examples) as w:
+    with SoftLabelWriter(
+        directory, make_writer_id(0, 1, 0, 1), "mlm", k=k, vocab_size=vocab, part_examples=part_examples
+    ) as w:
         for a in range(0, n, 256):
             b = min(a + 256, n)
-            w.add_mlm(np.arange(a, b), list(arrays["tokens"][a:b]), list(arrays["topk_ids"][a:b]),
-                      list(arrays["topk_logprobs"][a:b]))
+            w.add_mlm(
+                np.arange(a, b),
+                list(arrays["tokens"][a:b]),
+                list(arrays["topk_ids"][a:b]),
+                list(arrays["topk_logprobs"][a:b]),
+            )
     finalize(directory, HEADER, expected_examples=n)
     return time.perf_counter() - t
 
@@ -133,17 +141,29 @@ def storage(tmp: Path, args, pool) -> dict:
     total = dir_bytes(cdir)
     dense = c * 4
     by_role = bytes_by_role(cdir)
-    row = {"examples": n, "num_classes": c, "shards": SoftLabelStore(cdir, verify="size").num_shards,
-           "write_s": write_s, "total_bytes": total, "bytes_per_example": total / n,
-           "logits_only_bytes_per_example": 2 * c, "dense_fp32_bytes_per_example": dense,
-           "store_over_dense": total / n / dense, "by_role": by_role,
-           "by_role_bytes_per_example": {role: b / n for role, b in by_role.items()},
-           "target_bytes_per_example": 16, "target_met": total / n <= 16}
+    row = {
+        "examples": n,
+        "num_classes": c,
+        "shards": SoftLabelStore(cdir, verify="size").num_shards,
+        "write_s": write_s,
+        "total_bytes": total,
+        "bytes_per_example": total / n,
+        "logits_only_bytes_per_example": 2 * c,
+        "dense_fp32_bytes_per_example": dense,
+        "store_over_dense": total / n / dense,
+        "by_role": by_role,
+        "by_role_bytes_per_example": {role: b / n for role, b in by_role.items()},
+        "target_bytes_per_example": 16,
+        "target_met": total / n <= 16,
+    }
     out["classification"] = row
     parts = " + ".join(f"{role} {b / n:.2f}" for role, b in by_role.items())
-    print(f"storage classification C={c}, N={n:,}: {row['bytes_per_example']:.2f} B/example on disk, all files "
-          f"({parts}) vs dense fp32 logits {dense} B: store/dense = {row['store_over_dense']:.2f}x (logits alone: "
-          f"{2 * c / dense:.2f}x); target <= 16 B: {'met' if row['target_met'] else 'MISSED'}", flush=True)
+    print(
+        f"storage classification C={c}, N={n:,}: {row['bytes_per_example']:.2f} B/example on disk, all files "
+        f"({parts}) vs dense fp32 logits {dense} B: store/dense = {row['store_over_dense']:.2f}x (logits alone: "
+        f"{2 * c / dense:.2f}x); target <= 16 B: {'met' if row['target_met'] else 'MISSED'}",
+        flush=True,
+    )
     for k in args.ks:
         arrays = mlm_arrays(args.mlm_storage_examples, args.seq_len, k, args.vocab, pool, seed=10 + k)
         mdir = tmp / f"mlm-k{k}"
@@ -151,14 +171,24 @@ def storage(tmp: Path, args, pool) -> dict:
         positions = arrays["tokens"].size
         total = dir_bytes(mdir)
         dense = args.vocab * 4
-        row = {"k": k, "examples": len(arrays["tokens"]), "positions": positions, "write_s": write_s,
-               "total_bytes": total, "bytes_per_token": total / positions, "payload_bytes_per_token": 4 * k + 2,
-               "dense_fp32_bytes_per_token": dense, "dense_over_store": dense / (total / positions),
-               "by_role": bytes_by_role(mdir)}
+        row = {
+            "k": k,
+            "examples": len(arrays["tokens"]),
+            "positions": positions,
+            "write_s": write_s,
+            "total_bytes": total,
+            "bytes_per_token": total / positions,
+            "payload_bytes_per_token": 4 * k + 2,
+            "dense_fp32_bytes_per_token": dense,
+            "dense_over_store": dense / (total / positions),
+            "by_role": bytes_by_role(mdir),
+        }
         out["mlm"].append(row)
-        print(f"storage mlm k={k}: {row['bytes_per_token']:.2f} B/token on disk (payload fp16+uint16 top-k + uint16 "
-              f"token = {4 * k + 2} B) vs dense fp32 vocab logits {dense:,} B: {row['dense_over_store']:,.0f}x smaller",
-              flush=True)
+        print(
+            f"storage mlm k={k}: {row['bytes_per_token']:.2f} B/token on disk (payload fp16+uint16 top-k + uint16 "
+            f"token = {4 * k + 2} B) vs dense fp32 vocab logits {dense:,} B: {row['dense_over_store']:,.0f}x smaller",
+            flush=True,
+        )
     return out
 
 
@@ -197,8 +227,14 @@ def reader_classification(tmp: Path, args) -> dict:
     store = opened.pop("store")
     per_ex_store = dir_bytes(cdir) / n
     secs, ex = read_loop(n, args.batch, args.seed, lambda idx: store.batch(idx))
-    ours = {**opened, "seconds": secs, "examples": ex, "examples_per_s": ex / secs,
-            "mb_per_s": ex * per_ex_store / secs / MB, "bytes_per_example": per_ex_store}
+    ours = {
+        **opened,
+        "seconds": secs,
+        "examples": ex,
+        "examples_per_s": ex / secs,
+        "mb_per_s": ex * per_ex_store / secs / MB,
+        "bytes_per_example": per_ex_store,
+    }
 
     t = time.perf_counter()
     d_logits = np.load(tmp / "cls-logits.npy")
@@ -210,9 +246,15 @@ def reader_classification(tmp: Path, args) -> dict:
         return {"example_ids": idx.copy(), "logits": d_logits[idx], "gold": d_gold[idx]}
 
     secs, ex = read_loop(n, args.batch, args.seed, dense_batch)
-    dense = {"load_s": load_s, "seconds": secs, "examples": ex, "examples_per_s": ex / secs,
-             "mb_per_s": ex * per_ex_dense / secs / MB, "bytes_per_example": per_ex_dense,
-             "examples_per_s_incl_load": ex / (secs + load_s)}
+    dense = {
+        "load_s": load_s,
+        "seconds": secs,
+        "examples": ex,
+        "examples_per_s": ex / secs,
+        "mb_per_s": ex * per_ex_dense / secs / MB,
+        "bytes_per_example": per_ex_dense,
+        "examples_per_s_incl_load": ex / (secs + load_s),
+    }
     return {"examples": n, "batch": args.batch, "ours": ours, "npy": dense}
 
 
@@ -229,9 +271,16 @@ def reader_mlm(tmp: Path, args, pool) -> tuple[dict, list[dict]]:
     store = opened.pop("store")
     per_ex_store = dir_bytes(mdir) / n
     secs, ex = read_loop(n, args.batch, args.seed, lambda idx: store.batch(idx, pad_to=seq))
-    ours = {**opened, "write_s": write_s, "seconds": secs, "examples": ex, "examples_per_s": ex / secs,
-            "mb_per_s": ex * per_ex_store / secs / MB, "bytes_per_example": per_ex_store,
-            "store_bytes": dir_bytes(mdir)}
+    ours = {
+        **opened,
+        "write_s": write_s,
+        "seconds": secs,
+        "examples": ex,
+        "examples_per_s": ex / secs,
+        "mb_per_s": ex * per_ex_store / secs / MB,
+        "bytes_per_example": per_ex_store,
+        "store_bytes": dir_bytes(mdir),
+    }
 
     names = ("tokens", "topk_ids", "topk_logprobs", "lengths")
     t = time.perf_counter()
@@ -241,15 +290,24 @@ def reader_mlm(tmp: Path, args, pool) -> tuple[dict, list[dict]]:
     positions = np.arange(seq)
 
     def dense_batch(idx):
-        return {"example_ids": idx.copy(), "input_ids": d["tokens"][idx].astype(np.int64),
-                "attention_mask": (positions[None] < d["lengths"][idx][:, None]).astype(np.int64),
-                "topk_ids": d["topk_ids"][idx].astype(np.int64),
-                "topk_logprobs": d["topk_logprobs"][idx].astype(np.float32)}
+        return {
+            "example_ids": idx.copy(),
+            "input_ids": d["tokens"][idx].astype(np.int64),
+            "attention_mask": (positions[None] < d["lengths"][idx][:, None]).astype(np.int64),
+            "topk_ids": d["topk_ids"][idx].astype(np.int64),
+            "topk_logprobs": d["topk_logprobs"][idx].astype(np.float32),
+        }
 
     secs, ex = read_loop(n, args.batch, args.seed, dense_batch)
-    dense = {"load_s": load_s, "seconds": secs, "examples": ex, "examples_per_s": ex / secs,
-             "mb_per_s": ex * per_ex_dense / secs / MB, "bytes_per_example": per_ex_dense,
-             "examples_per_s_incl_load": ex / (secs + load_s)}
+    dense = {
+        "load_s": load_s,
+        "seconds": secs,
+        "examples": ex,
+        "examples_per_s": ex / secs,
+        "mb_per_s": ex * per_ex_dense / secs / MB,
+        "bytes_per_example": per_ex_dense,
+        "examples_per_s_incl_load": ex / (secs + load_s),
+    }
     # a few real batches for the student step
     from trainer.data.sampling import Cursor, StoreSampler
 
@@ -286,8 +344,9 @@ def student_rate(kind: str, batches: list[dict], args) -> dict:
             ids = torch.randint(999, cfg.vocab_size, (bsz, args.seq_len), generator=gen)
             tensors.append((ids, torch.ones_like(ids), torch.from_numpy(b["logits"])))
         else:
-            tensors.append(tuple(torch.from_numpy(b[key]) for key in
-                                 ("input_ids", "attention_mask", "topk_ids", "topk_logprobs")))
+            tensors.append(
+                tuple(torch.from_numpy(b[key]) for key in ("input_ids", "attention_mask", "topk_ids", "topk_logprobs"))
+            )
     head = getattr(model, "cls", None)
     examples, t0 = 0, time.perf_counter()
     for step in range(args.student_warmup + args.student_steps):
@@ -302,16 +361,28 @@ def student_rate(kind: str, batches: list[dict], args) -> dict:
             hidden = model.bert(input_ids=ids, attention_mask=mask).last_hidden_state
             h = head.predictions.transform(hidden.reshape(-1, hidden.shape[-1]))
             k = top_ids.shape[-1]
-            loss = linear_kl_div(h, head.predictions.decoder.weight, head.predictions.decoder.bias,
-                                 (top_ids.reshape(-1, k), top_lp.reshape(-1, k)), mask=mask.reshape(-1).bool())
+            loss = linear_kl_div(
+                h,
+                head.predictions.decoder.weight,
+                head.predictions.decoder.bias,
+                (top_ids.reshape(-1, k), top_lp.reshape(-1, k)),
+                mask=mask.reshape(-1).bool(),
+            )
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         examples += ids.shape[0]
     secs = time.perf_counter() - t0
-    return {"model": args.student, "batch": args.batch, "seq_len": args.seq_len, "steps": args.student_steps,
-            "warmup": args.student_warmup, "seconds": secs, "examples_per_s": examples / secs,
-            "final_loss": loss.item()}
+    return {
+        "model": args.student,
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "steps": args.student_steps,
+        "warmup": args.student_warmup,
+        "seconds": secs,
+        "examples_per_s": examples / secs,
+        "final_loss": loss.item(),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- 3. labeling
@@ -331,6 +402,7 @@ class _Clock:
                 return fn(*a, **kw)
             finally:
                 self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - t
+
         return timed
 
 
@@ -352,13 +424,13 @@ def plain_inference(recipe) -> int:
     todo, _ = lab.writer_examples(recipe, 0, 1, DistEnv())
     tok.enable_truncation(max_length=o.max_seq_len)
     for start in range(0, len(todo), o.batch_size * 32):
-        window = todo[start:start + o.batch_size * 32]
+        window = todo[start : start + o.batch_size * 32]
         encodings = tok.encode_batch([text for _, text, _ in window], add_special_tokens=True)
         seqs = [np.asarray(e.ids, dtype=np.int64) for e in encodings]
         types = [np.asarray(e.type_ids, dtype=np.int64) for e in encodings]
         order = np.argsort([len(s) for s in seqs], kind="stable")
         for b in range(0, len(order), o.batch_size):
-            idx = order[b:b + o.batch_size]
+            idx = order[b : b + o.batch_size]
             lab.soft_labels(teacher, lab._batch([seqs[i] for i in idx], [types[i] for i in idx], specials.pad), o)
     return len(todo)
 
@@ -382,10 +454,11 @@ def labeling(tmp: Path, args) -> dict:
     def recipe(out_dir: Path, n: int):
         r = LabelRecipe(
             teacher=str(minilm_dir()),
-            transfer=TransferSection(task="sst2", task_split="train", data_root=str(args.data_root),
-                                         max_examples=n),
-            output=LabelOutput(out_dir=str(out_dir), kind="classification", max_seq_len=args.seq_len,
-                                   batch_size=args.label_batch))
+            transfer=TransferSection(task="sst2", task_split="train", data_root=str(args.data_root), max_examples=n),
+            output=LabelOutput(
+                out_dir=str(out_dir), kind="classification", max_seq_len=args.seq_len, batch_size=args.label_batch
+            ),
+        )
         r.validate()
         return r
 
@@ -401,16 +474,30 @@ def labeling(tmp: Path, args) -> dict:
             if name == "plain":
                 n = plain_inference(recipe(out, args.label_examples))
             else:
-                lab.label(recipe(out, args.label_examples), 0, 1, DistEnv(),
-                          ["wellread", "label", "(in-process: tools/bench/softlabels.py)"])
+                lab.label(
+                    recipe(out, args.label_examples),
+                    0,
+                    1,
+                    DistEnv(),
+                    ["wellread", "label", "(in-process: tools/bench/softlabels.py)"],
+                )
                 n = json.loads((out / "manifest.json").read_text())["totals"]["examples"]
             secs = time.perf_counter() - t
             runs[name].append({"seconds": secs, "examples": n, "examples_per_s": n / secs, **clock.totals})
-            print(f"  labeling rep {rep} {name}: {secs:.2f}s ({n / secs:,.0f} ex/s; forward "
-                  f"{clock.totals.get('forward_s', 0):.2f}s)", flush=True)
-    return {"teacher": str(minilm_dir()), "examples": args.label_examples, "batch_size": args.label_batch,
-            "max_seq_len": args.seq_len, "torch_threads": torch.get_num_threads(), "runs": runs,
-            **label_overhead(runs)}
+            print(
+                f"  labeling rep {rep} {name}: {secs:.2f}s ({n / secs:,.0f} ex/s; forward "
+                f"{clock.totals.get('forward_s', 0):.2f}s)",
+                flush=True,
+            )
+    return {
+        "teacher": str(minilm_dir()),
+        "examples": args.label_examples,
+        "batch_size": args.label_batch,
+        "max_seq_len": args.seq_len,
+        "torch_threads": torch.get_num_threads(),
+        "runs": runs,
+        **label_overhead(runs),
+    }
 
 
 def label_overhead(runs: dict[str, list[dict]], tolerance: float = 0.10) -> dict:
@@ -429,11 +516,20 @@ def label_overhead(runs: dict[str, list[dict]], tolerance: float = 0.10) -> dict
     nonfwd = {name: min(r["seconds"] - r["forward_s"] for r in rs) for name, rs in runs.items()}
     fastest = min(r["forward_s"] for rs in runs.values() for r in rs) + nonfwd["plain"]
     extra = nonfwd["label"] - nonfwd["plain"]
-    return {"best_plain_s": a["seconds"], "best_label_s": b["seconds"], "best_label_finalize_s": b.get("finalize_s"),
-            "best_label_weights_sha256_s": b.get("weights_sha256_s"), "overhead": overhead,
-            "best_forward_ratio": forward_ratio, "overhead_valid": abs(forward_ratio - 1) <= tolerance,
-            "nonforward_plain_s": nonfwd["plain"], "nonforward_label_s": nonfwd["label"],
-            "nonforward_extra_s": extra, "fastest_plain_equivalent_s": fastest, "nonforward_overhead": extra / fastest}
+    return {
+        "best_plain_s": a["seconds"],
+        "best_label_s": b["seconds"],
+        "best_label_finalize_s": b.get("finalize_s"),
+        "best_label_weights_sha256_s": b.get("weights_sha256_s"),
+        "overhead": overhead,
+        "best_forward_ratio": forward_ratio,
+        "overhead_valid": abs(forward_ratio - 1) <= tolerance,
+        "nonforward_plain_s": nonfwd["plain"],
+        "nonforward_label_s": nonfwd["label"],
+        "nonforward_extra_s": extra,
+        "fastest_plain_equivalent_s": fastest,
+        "nonforward_overhead": extra / fastest,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -469,10 +565,17 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start = time.time()
-    results: dict = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                     "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                                 "python": sys.version.split()[0], "torch": torch.__version__,
-                                 "numpy": np.__version__, "platform": platform.platform()}}
+    results: dict = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "platform": platform.platform(),
+        },
+    }
     with tempfile.TemporaryDirectory(dir=args.tmp, prefix="bench-softlabels-") as tmp:
         tmp = Path(tmp)
         pool = topk_pool(args.vocab, args.pool, max(max(args.ks), args.reader_k), args.seed)
@@ -488,34 +591,51 @@ def main() -> None:
             row["student"] = student_rate(kind, batches, args)
             row["reader_over_student"] = row["ours"]["examples_per_s"] / row["student"]["examples_per_s"]
             row["ours_over_npy_indexing"] = row["ours"]["examples_per_s"] / row["npy"]["examples_per_s"]
-            what = f"C={args.num_classes}, N={row['examples']:,}" if kind == "classification" else \
-                f"k={row['k']}, N={row['examples']:,} x {row['seq_len']} positions"
-            print(f"reader {kind} ({what}, batch {args.batch}, StoreSampler order): store "
-                  f"{row['ours']['examples_per_s']:,.0f} ex/s ({row['ours']['mb_per_s']:,.1f} MB/s; open "
-                  f"{row['ours']['open_size_s']:.3f}s size-checked / {row['ours']['open_full_s']:.3f}s sha256) | "
-                  f"np.load .npy: load {row['npy']['load_s']:.3f}s, then {row['npy']['examples_per_s']:,.0f} ex/s "
-                  f"({row['npy']['mb_per_s']:,.1f} MB/s) | store/npy indexing {row['ours_over_npy_indexing']:.2f}x | "
-                  f"student {args.student} {row['student']['examples_per_s']:.1f} ex/s | reader/student "
-                  f"{row['reader_over_student']:,.0f}x (target >= 50x: "
-                  f"{'met' if row['reader_over_student'] >= 50 else 'MISSED'})", flush=True)
+            what = (
+                f"C={args.num_classes}, N={row['examples']:,}"
+                if kind == "classification"
+                else f"k={row['k']}, N={row['examples']:,} x {row['seq_len']} positions"
+            )
+            print(
+                f"reader {kind} ({what}, batch {args.batch}, StoreSampler order): store "
+                f"{row['ours']['examples_per_s']:,.0f} ex/s ({row['ours']['mb_per_s']:,.1f} MB/s; open "
+                f"{row['ours']['open_size_s']:.3f}s size-checked / {row['ours']['open_full_s']:.3f}s sha256) | "
+                f"np.load .npy: load {row['npy']['load_s']:.3f}s, then {row['npy']['examples_per_s']:,.0f} ex/s "
+                f"({row['npy']['mb_per_s']:,.1f} MB/s) | store/npy indexing {row['ours_over_npy_indexing']:.2f}x | "
+                f"student {args.student} {row['student']['examples_per_s']:.1f} ex/s | reader/student "
+                f"{row['reader_over_student']:,.0f}x (target >= 50x: "
+                f"{'met' if row['reader_over_student'] >= 50 else 'MISSED'})",
+                flush=True,
+            )
         results["reader"] = {"classification": rc, "mlm": rm}
 
         lab = labeling(tmp, args)
         results["labeling"] = lab
-        verdict = ("met" if lab["overhead"] < 0.10 else "MISSED") if lab["overhead_valid"] else \
-            (f"NOT MEANINGFUL: the identical forward passes took {lab['best_forward_ratio']:.2f}x as long in (b) as in "
-             "(a), machine load decided it")
-        print(f"labeling {lab['examples']:,} SST-2 sentences, all-MiniLM-L6-v2 classifier, batch "
-              f"{lab['batch_size']}, {lab['torch_threads']} threads, best of {args.label_repeats}: plain inference "
-              f"{lab['best_plain_s']:.2f}s ({lab['examples'] / lab['best_plain_s']:,.0f} ex/s) | wellread label "
-              f"{lab['best_label_s']:.2f}s ({lab['examples'] / lab['best_label_s']:,.0f} ex/s; finalize "
-              f"{lab['best_label_finalize_s']:.2f}s of it, incl. weights sha256 "
-              f"{lab['best_label_weights_sha256_s']:.2f}s) | overhead {lab['overhead']:+.1%} (target < 10%: "
-              f"{verdict})", flush=True)
-        print(f"labeling, outside the teacher forward (noise-robust): plain {lab['nonforward_plain_s']:.2f}s, label "
-              f"{lab['nonforward_label_s']:.2f}s, extra {lab['nonforward_extra_s']:.2f}s = "
-              f"{lab['nonforward_overhead']:+.1%} of the fastest plain-equivalent run "
-              f"({lab['fastest_plain_equivalent_s']:.2f}s)", flush=True)
+        verdict = (
+            ("met" if lab["overhead"] < 0.10 else "MISSED")
+            if lab["overhead_valid"]
+            else (
+                f"NOT MEANINGFUL: the identical forward passes took {lab['best_forward_ratio']:.2f}x as long in (b) "
+                "as in (a), machine load decided it"
+            )
+        )
+        print(
+            f"labeling {lab['examples']:,} SST-2 sentences, all-MiniLM-L6-v2 classifier, batch "
+            f"{lab['batch_size']}, {lab['torch_threads']} threads, best of {args.label_repeats}: plain inference "
+            f"{lab['best_plain_s']:.2f}s ({lab['examples'] / lab['best_plain_s']:,.0f} ex/s) | wellread label "
+            f"{lab['best_label_s']:.2f}s ({lab['examples'] / lab['best_label_s']:,.0f} ex/s; finalize "
+            f"{lab['best_label_finalize_s']:.2f}s of it, incl. weights sha256 "
+            f"{lab['best_label_weights_sha256_s']:.2f}s) | overhead {lab['overhead']:+.1%} (target < 10%: "
+            f"{verdict})",
+            flush=True,
+        )
+        print(
+            f"labeling, outside the teacher forward (noise-robust): plain {lab['nonforward_plain_s']:.2f}s, label "
+            f"{lab['nonforward_label_s']:.2f}s, extra {lab['nonforward_extra_s']:.2f}s = "
+            f"{lab['nonforward_overhead']:+.1%} of the fastest plain-equivalent run "
+            f"({lab['fastest_plain_equivalent_s']:.2f}s)",
+            flush=True,
+        )
     results["wall_s"] = time.time() - t_start
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out} ({results['wall_s']:.0f}s)")

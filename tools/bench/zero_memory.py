@@ -53,8 +53,14 @@ def worker(args: argparse.Namespace) -> None:
     env = init_distributed()
     out = Path(args.workdir)
     probe = Materialized().start() if args.materialized else None
-    train = TrainSection(steps=args.steps, micro_batch=args.micro_batch,
-                         global_batch=args.micro_batch * env.world_size, lr=1e-4, warmup_steps=0, clip=1.0)
+    train = TrainSection(
+        steps=args.steps,
+        micro_batch=args.micro_batch,
+        global_batch=args.micro_batch * env.world_size,
+        lr=1e-4,
+        warmup_steps=0,
+        clip=1.0,
+    )
     hf_cfg = bert_config(args.model, vocab_size=args.vocab_size)
     ds_cfg, plan = engine_config(args.ds_config, train, env.world_size, "bench", hf_cfg.hidden_size)
     rss_start = rss_bytes()
@@ -92,12 +98,14 @@ def worker(args: argparse.Namespace) -> None:
     for step in range(first, args.steps):
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + env.rank)
         ids = torch.randint(1000, args.vocab_size, (args.micro_batch, args.seq_len), generator=g)
-        positions = torch.sort(torch.randperm(args.micro_batch * args.seq_len, generator=g)[
-            :n_masked * args.micro_batch]).values
+        positions = torch.sort(
+            torch.randperm(args.micro_batch * args.seq_len, generator=g)[: n_masked * args.micro_batch]
+        ).values
         labels = torch.randint(1000, args.vocab_size, (len(positions),), generator=g)
         t = time.perf_counter()
-        loss_sum, _ = engine(input_ids=ids, attention_mask=torch.ones_like(ids), mlm_positions=positions,
-                             mlm_labels=labels)
+        loss_sum, _ = engine(
+            input_ids=ids, attention_mask=torch.ones_like(ids), mlm_positions=positions, mlm_labels=labels
+        )
         engine.backward(loss_sum / len(positions))
         count_s = 0.0
         if step == args.steps - 1 and not args.resume_from_checkpoint:
@@ -129,11 +137,20 @@ def worker(args: argparse.Namespace) -> None:
         timings["export_s"] = time.perf_counter() - t
     barrier()
     phase("end")
-    report = {"rank": env.rank, "params": params, "model_state_bytes": model_states, "rss_start": rss_start,
-              "rss_steady": rss_steady, "peak_rss": max(hwm.values()), "peak_rss_by_phase": hwm,
-              "build_s": build_s,
-              "step_s": sum(step_times) / max(1, len(step_times)), "losses": losses, **timings,
-              "ds_zero": {k: v for k, v in ds_cfg["zero_optimization"].items()}}
+    report = {
+        "rank": env.rank,
+        "params": params,
+        "model_state_bytes": model_states,
+        "rss_start": rss_start,
+        "rss_steady": rss_steady,
+        "peak_rss": max(hwm.values()),
+        "peak_rss_by_phase": hwm,
+        "build_s": build_s,
+        "step_s": sum(step_times) / max(1, len(step_times)),
+        "losses": losses,
+        **timings,
+        "ds_zero": {k: v for k, v in ds_cfg["zero_optimization"].items()},
+    }
     if probe:
         report["materialized"] = probe.stop()
     reports = [None] * env.world_size
@@ -152,18 +169,51 @@ def free_port() -> int:
 
 def launch(cfg: dict, workdir: Path, resume: bool = False, timeout: float = 3600) -> list[dict]:
     report = workdir / ("report-resume.json" if resume else "report.json")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cfg["ranks"]),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), __file__, "worker",
-           "--model", cfg["model"], "--ds-config", cfg["ds_config"], "--steps", str(cfg["steps"]),
-           "--micro-batch", str(cfg["micro_batch"]), "--seq-len", str(cfg["seq_len"]),
-           "--vocab-size", str(cfg["vocab_size"]), "--seed", str(cfg.get("seed", 0)),
-           "--save-at", str(cfg.get("save_at", 0)), "--workdir", str(workdir), "--report", str(report)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(cfg["ranks"]),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        __file__,
+        "worker",
+        "--model",
+        cfg["model"],
+        "--ds-config",
+        cfg["ds_config"],
+        "--steps",
+        str(cfg["steps"]),
+        "--micro-batch",
+        str(cfg["micro_batch"]),
+        "--seq-len",
+        str(cfg["seq_len"]),
+        "--vocab-size",
+        str(cfg["vocab_size"]),
+        "--seed",
+        str(cfg.get("seed", 0)),
+        "--save-at",
+        str(cfg.get("save_at", 0)),
+        "--workdir",
+        str(workdir),
+        "--report",
+        str(report),
+    ]
     if cfg.get("materialized"):
         cmd.append("--materialized")
     if resume:
         cmd.append("--resume-from-checkpoint")
-    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.get("threads", 1)), "GLOO_SOCKET_IFNAME": "lo",
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(cfg.get("threads", 1)),
+        "GLOO_SOCKET_IFNAME": "lo",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
     t = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode:
@@ -206,10 +256,13 @@ def run_config(cfg: dict, keep: Path | None = None) -> dict:
 
 def print_row(r: dict) -> None:
     s = r["summary"]
-    print(f"{r['model']:<12} {r['ds_config']:<7} {r['ranks']} ranks  states/rank "
-          f"{max(s['model_state_bytes']) / 2**20:8.0f} MB (x{max(s['model_state_vs_formula']):.3f} of formula)  "
-          f"peak RSS {max(s['peak_rss_mb']):7.0f} MB  steady RSS {max(s['rss_steady_mb']):7.0f} MB  "
-          f"step {s['step_s']:6.2f} s", flush=True)
+    print(
+        f"{r['model']:<12} {r['ds_config']:<7} {r['ranks']} ranks  states/rank "
+        f"{max(s['model_state_bytes']) / 2**20:8.0f} MB (x{max(s['model_state_vs_formula']):.3f} of formula)  "
+        f"peak RSS {max(s['peak_rss_mb']):7.0f} MB  steady RSS {max(s['rss_steady_mb']):7.0f} MB  "
+        f"step {s['step_s']:6.2f} s",
+        flush=True,
+    )
 
 
 # (model, ranks, stages), sized for a 24 GB host: stage 0 on 2 ranks only (its per-rank memory does not depend on
@@ -257,11 +310,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "worker":
         worker(args)
         return 0
-    base = {"steps": args.steps, "micro_batch": args.micro_batch, "seq_len": args.seq_len,
-            "vocab_size": args.vocab_size, "seed": args.seed}
+    base = {
+        "steps": args.steps,
+        "micro_batch": args.micro_batch,
+        "seq_len": args.seq_len,
+        "vocab_size": args.vocab_size,
+        "seed": args.seed,
+    }
     if args.cmd == "run":
-        cfg = {**base, "model": args.model, "ranks": args.ranks, "ds_config": args.ds_config or DS_CONFIG[args.stage],
-               "save_at": args.save_at, "resume": args.resume, "materialized": args.materialized}
+        cfg = {
+            **base,
+            "model": args.model,
+            "ranks": args.ranks,
+            "ds_config": args.ds_config or DS_CONFIG[args.stage],
+            "save_at": args.save_at,
+            "resume": args.resume,
+            "materialized": args.materialized,
+        }
         results = [run_config(cfg, Path(args.keep) if args.keep else None)]
         print_row(results[0])
     else:

@@ -31,18 +31,29 @@ def sha256(path: Path) -> str:
 
 def checkout_bytes() -> int:
     """Tracked files and untracked files that git does not ignore: what the device tool sends."""
-    names = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           check=True).stdout.split(b"\0")
+    names = subprocess.run(
+        ["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.split(b"\0")
     return sum((ROOT / n.decode()).stat().st_size for n in names if n and (ROOT / n.decode()).is_file())
 
 
 def build(folder: Path, name: str) -> dict:
-    files = [{"path": str(p.relative_to(folder)), "bytes": p.stat().st_size, "sha256": sha256(p)}
-             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "MANIFEST.json"]
+    files = [
+        {"path": str(p.relative_to(folder)), "bytes": p.stat().st_size, "sha256": sha256(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != "MANIFEST.json"
+    ]
     carried = sum(f["bytes"] for f in files)
     tree = checkout_bytes()
-    return {"name": name, "files": files, "carried_bytes": carried, "checkout_bytes": tree,
-            "total_bytes": carried + tree, "limit_bytes": LIMIT, "fits": carried + tree <= LIMIT}
+    return {
+        "name": name,
+        "files": files,
+        "carried_bytes": carried,
+        "checkout_bytes": tree,
+        "total_bytes": carried + tree,
+        "limit_bytes": LIMIT,
+        "fits": carried + tree <= LIMIT,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,12 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     os.replace(tmp, args.folder / "MANIFEST.json")
     mib = lambda b: b / 2**20  # noqa: E731
-    print(f"carry: {len(manifest['files'])} files, {mib(manifest['carried_bytes']):.1f} MiB + checkout "
-          f"{mib(manifest['checkout_bytes']):.1f} MiB = {mib(manifest['total_bytes']):.1f} MiB of "
-          f"{mib(LIMIT):.0f} MiB")
+    print(
+        f"carry: {len(manifest['files'])} files, {mib(manifest['carried_bytes']):.1f} MiB + checkout "
+        f"{mib(manifest['checkout_bytes']):.1f} MiB = {mib(manifest['total_bytes']):.1f} MiB of "
+        f"{mib(LIMIT):.0f} MiB"
+    )
     if not manifest["fits"]:
-        print(f"carry: over the device tool's limit by {mib(manifest['total_bytes'] - LIMIT):.1f} MiB",
-              file=sys.stderr)
+        print(f"carry: over the device tool's limit by {mib(manifest['total_bytes'] - LIMIT):.1f} MiB", file=sys.stderr)
         return 1
     return 0
 

@@ -48,8 +48,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-STEP_NAMES = ("env", "kernels", "prepare", "memory_plan", "kernel_speed", "pretrain_throughput",
-              "distill_throughput", "pretrain_tiny")
+STEP_NAMES = (
+    "env",
+    "kernels",
+    "prepare",
+    "memory_plan",
+    "kernel_speed",
+    "pretrain_throughput",
+    "distill_throughput",
+    "pretrain_tiny",
+)
 
 
 @dataclass
@@ -67,8 +75,13 @@ class Ctx:
         return self.deadline - time.time()
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-               "WELLREAD_CACHE": str(self.work / "cache")}
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1",
+            "WELLREAD_CACHE": str(self.work / "cache"),
+        }
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
         data = self.carry / "data"
         if (data / "imdb").is_dir():
@@ -86,8 +99,9 @@ class Ctx:
         with self.log.open("a") as log:
             log.write(f"\n$ {' '.join(cmd)}   (limit {limit:.0f} s)\n")
             log.flush()
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env(**extra), stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, cwd=ROOT, env=self.env(**extra), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
             try:
                 rc = proc.wait(timeout=limit)
             except subprocess.TimeoutExpired:
@@ -147,8 +161,10 @@ def imdb_files(ctx: Ctx) -> list[Path]:
     carried = ctx.carry / "data" / "imdb"
     if not ctx.dry and carried.is_dir():
         return [carried / "train.jsonl.gz", carried / "test.jsonl.gz"]
-    return [ROOT / "tests" / "fixtures" / "data" / "imdb" / "train.jsonl.gz",
-            ROOT / "tests" / "fixtures" / "data" / "imdb" / "test.jsonl.gz"]
+    return [
+        ROOT / "tests" / "fixtures" / "data" / "imdb" / "train.jsonl.gz",
+        ROOT / "tests" / "fixtures" / "data" / "imdb" / "test.jsonl.gz",
+    ]
 
 
 def step_prepare(ctx: Ctx) -> dict:
@@ -162,31 +178,69 @@ def step_prepare(ctx: Ctx) -> dict:
     split.mkdir(parents=True, exist_ok=True)
     (split / "test-main.jsonl").write_text("\n".join(lines[:-heldout_n]) + "\n")
     (split / "heldout.jsonl").write_text("\n".join(lines[-heldout_n:]) + "\n")
-    common = ["--text-field", "text", "--packing", "merge", "--seq-len", "128", "--no-progress",
-              "--workers", str(max(1, min(16, (os.cpu_count() or 2) - 1)))]
+    common = [
+        "--text-field",
+        "text",
+        "--packing",
+        "merge",
+        "--seq-len",
+        "128",
+        "--no-progress",
+        "--workers",
+        str(max(1, min(16, (os.cpu_count() or 2) - 1))),
+    ]
     tok = ctx.carry / "minilm" if (ctx.carry / "minilm" / "tokenizer.json").is_file() else None
     if tok is not None:
         common += ["--tokenizer", str(tok)]
     t = time.time()
-    ctx.run([ctx.py, "tools/preprocess_corpus.py", str(train), str(split / "test-main.jsonl"),
-             "--out", str(ctx.work / "imdb-128"), *common], 300)
-    ctx.run([ctx.py, "tools/preprocess_corpus.py", str(split / "heldout.jsonl"),
-             "--out", str(ctx.work / "imdb-heldout-128"), *common], 120)
+    ctx.run(
+        [
+            ctx.py,
+            "tools/preprocess_corpus.py",
+            str(train),
+            str(split / "test-main.jsonl"),
+            "--out",
+            str(ctx.work / "imdb-128"),
+            *common,
+        ],
+        300,
+    )
+    ctx.run(
+        [
+            ctx.py,
+            "tools/preprocess_corpus.py",
+            str(split / "heldout.jsonl"),
+            "--out",
+            str(ctx.work / "imdb-heldout-128"),
+            *common,
+        ],
+        120,
+    )
     manifest = json.loads((ctx.work / "imdb-128" / "manifest.json").read_text())
-    return {"seconds": round(time.time() - t, 1), "sources": [train.name, test.name],
-            "heldout_reviews": heldout_n,
-            "corpus": {k: manifest["stats"][k] for k in ("tokens", "sequences", "documents")}}
+    return {
+        "seconds": round(time.time() - t, 1),
+        "sources": [train.name, test.name],
+        "heldout_reviews": heldout_n,
+        "corpus": {k: manifest["stats"][k] for k in ("tokens", "sequences", "documents")},
+    }
 
 
 def junit_counts(path: Path) -> dict:
     root = ET.parse(path).getroot()
     suite = root if root.tag == "testsuite" else root.find("testsuite")
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-    failed = [f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase")
-              if c.find("failure") is not None or c.find("error") is not None]
+    failed = [
+        f"{c.get('classname')}::{c.get('name')}"
+        for c in suite.iter("testcase")
+        if c.find("failure") is not None or c.find("error") is not None
+    ]
     skipped = sorted({(s.get("message") or "")[:200] for s in suite.iter("skipped")})
-    return {**counts, "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
-            "failed_tests": failed, "skip_reasons": skipped}
+    return {
+        **counts,
+        "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
+        "failed_tests": failed,
+        "skip_reasons": skipped,
+    }
 
 
 def step_kernels(ctx: Ctx) -> dict:
@@ -195,8 +249,22 @@ def step_kernels(ctx: Ctx) -> dict:
     res: dict = {}
     xml = ctx.work / "junit-cuda.xml"
     try:
-        ctx.run([ctx.py, "-m", "pytest", "tests/test_cuda.py", "-m", "cuda", "-q", "-rs", "-p", "no:cacheprovider",
-                 f"--junitxml={xml}"], 420)
+        ctx.run(
+            [
+                ctx.py,
+                "-m",
+                "pytest",
+                "tests/test_cuda.py",
+                "-m",
+                "cuda",
+                "-q",
+                "-rs",
+                "-p",
+                "no:cacheprovider",
+                f"--junitxml={xml}",
+            ],
+            420,
+        )
     finally:
         if xml.is_file():
             res["cuda_tests"] = junit_counts(xml)
@@ -205,34 +273,70 @@ def step_kernels(ctx: Ctx) -> dict:
         if counts["passed"] or counts["skipped"] != counts["tests"] or not counts["tests"]:
             raise StepFailed(f"dry run: the cuda tests must all be skipped on CPU, got {counts}")
         xml = ctx.work / "junit-interp.xml"
-        ctx.run([ctx.py, "-m", "pytest", "tests/interpreted_kernel_checks.py", "-q", "-p", "no:cacheprovider",
-                 "-k", "layer_norm_fp32 or bias_gelu_fp32 or linear_cross_entropy_all_ignored",
-                 f"--junitxml={xml}"], 300, TRITON_INTERPRET="1")
+        ctx.run(
+            [
+                ctx.py,
+                "-m",
+                "pytest",
+                "tests/interpreted_kernel_checks.py",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-k",
+                "layer_norm_fp32 or bias_gelu_fp32 or linear_cross_entropy_all_ignored",
+                f"--junitxml={xml}",
+            ],
+            300,
+            TRITON_INTERPRET="1",
+        )
         res["interpreted_slice"] = junit_counts(xml)
         if not res["interpreted_slice"]["passed"] or res["interpreted_slice"]["skipped"]:
             raise StepFailed(f"dry run: interpreted kernel slice {res['interpreted_slice']}")
     elif counts["skipped"] or counts["failures"] or counts["errors"] or not counts["passed"]:
-        raise StepFailed(f"cuda tests: {counts['passed']} passed, {counts['failures'] + counts['errors']} failed, "
-                         f"{counts['skipped']} skipped: {counts['failed_tests'] or counts['skip_reasons']}")
+        raise StepFailed(
+            f"cuda tests: {counts['passed']} passed, {counts['failures'] + counts['errors']} failed, "
+            f"{counts['skipped']} skipped: {counts['failed_tests'] or counts['skip_reasons']}"
+        )
     return res
 
 
 #: (label, tokens, hidden, vocab, variants): every variant at BERT-base's shape, the vocabulary-sized losses
 #: (where the memory goes) again at BERT-large's; each variant is a fresh process, each compile a cold one
-KERNEL_SHAPES = [("bert-base", 8192, 768, 30522, "all"),
-                 ("bert-large", 16384, 1024, 30522, "ce-naive,ce-fused,kd-dense-naive,kd-dense-fused")]
+KERNEL_SHAPES = [
+    ("bert-base", 8192, 768, 30522, "all"),
+    ("bert-large", 16384, 1024, 30522, "ce-naive,ce-fused,kd-dense-naive,kd-dense-fused"),
+]
 
 
 def step_kernel_speed(ctx: Ctx) -> dict:
-    shapes = [("toy", 64, 32, 1000, "ce-naive,ce-fused")] if ctx.dry \
-        else KERNEL_SHAPES
+    shapes = [("toy", 64, 32, 1000, "ce-naive,ce-fused")] if ctx.dry else KERNEL_SHAPES
     out = {}
     for name, tokens, hidden, vocab, variants in shapes:
         dtype = "fp32" if ctx.dry else "bf16"
         path = ctx.work / f"kernels-{name}-{dtype}.json"
-        ctx.run([ctx.py, "tools/bench/kernels.py", "--device", "cpu" if ctx.dry else "cuda", "--dtype", dtype,
-                 "--tokens", str(tokens), "--hidden", str(hidden), "--vocab", str(vocab), "--variants", variants,
-                 "--repeats", "1" if ctx.dry else "3", "--out", str(path)], 120 if ctx.dry else 200)
+        ctx.run(
+            [
+                ctx.py,
+                "tools/bench/kernels.py",
+                "--device",
+                "cpu" if ctx.dry else "cuda",
+                "--dtype",
+                dtype,
+                "--tokens",
+                str(tokens),
+                "--hidden",
+                str(hidden),
+                "--vocab",
+                str(vocab),
+                "--variants",
+                variants,
+                "--repeats",
+                "1" if ctx.dry else "3",
+                "--out",
+                str(path),
+            ],
+            120 if ctx.dry else 200,
+        )
         out[f"{name}-{dtype}"] = json.loads(path.read_text())
     return out
 
@@ -240,17 +344,35 @@ def step_kernel_speed(ctx: Ctx) -> dict:
 def step_pretrain_throughput(ctx: Ctx) -> dict:
     path = ctx.work / "bench-pretrain.json"
     models = ["bert-L2-H128"] if ctx.dry else ["bert-base", "bert-large"]
-    args = ["--steps", "4", "--warmup", "1", "--batch", "8"] if ctx.dry else ["--steps", "30", "--warmup", "8",
-                                                                               "--batch", "128"]
-    ctx.run([ctx.py, "tools/bench/pretrain.py", "--corpus", str(ctx.work / "imdb-128"), "--models", *models, *args,
-             "--out", str(path)], 300)
+    args = (
+        ["--steps", "4", "--warmup", "1", "--batch", "8"]
+        if ctx.dry
+        else ["--steps", "30", "--warmup", "8", "--batch", "128"]
+    )
+    ctx.run(
+        [
+            ctx.py,
+            "tools/bench/pretrain.py",
+            "--corpus",
+            str(ctx.work / "imdb-128"),
+            "--models",
+            *models,
+            *args,
+            "--out",
+            str(path),
+        ],
+        300,
+    )
     return json.loads(path.read_text())
 
 
 def step_distill_throughput(ctx: Ctx) -> dict:
     path = ctx.work / "bench-distill.json"
-    args = ["--examples", "32", "--steps", "2", "--batch", "8", "--students", "bert-L2-H128"] if ctx.dry else \
-        ["--examples", "8192", "--steps", "30", "--batch", "128", "--students", "bert-L2-H128,bert-L4-H256"]
+    args = (
+        ["--examples", "32", "--steps", "2", "--batch", "8", "--students", "bert-L2-H128"]
+        if ctx.dry
+        else ["--examples", "8192", "--steps", "30", "--batch", "128", "--students", "bert-L2-H128,bert-L4-H256"]
+    )
     ctx.run([ctx.py, "tools/bench/distill.py", "--teachers", "bert-base", *args, "--out", str(path)], 300)
     return json.loads(path.read_text())
 
@@ -272,8 +394,9 @@ def save_teacher(path: Path, layers: int, hidden: int, heads: int) -> Path:
     from transformers import BertConfig, BertForMaskedLM
 
     if not (path / "model.safetensors").is_file():
-        cfg = BertConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-                         intermediate_size=4 * hidden)
+        cfg = BertConfig(
+            num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads, intermediate_size=4 * hidden
+        )
         BertForMaskedLM(cfg).save_pretrained(str(path))
     return path
 
@@ -286,22 +409,43 @@ def step_memory_plan(ctx: Ctx) -> dict:
     if ctx.dry:  # one run, a saved teacher directory at ZeRO-3: the CPU run checks the step's code, not the planner
         pairs = [("larger", str(save_teacher(ctx.work / "t-larger", 2, 192, 3)), MEMORY_CONFIGS_DRY[3])]
     else:  # the 420M teacher of docs/benchmarks.md: 24 layers, hidden 1152
-        models = {"bert-large": "bert-large",
-                  "teacher-420M": str(save_teacher(ctx.work / "t-420m", 24, 1152, 18))}
+        models = {"bert-large": "bert-large", "teacher-420M": str(save_teacher(ctx.work / "t-420m", 24, 1152, 18))}
         pairs = [(label, model, cfg) for label, model in models.items() for cfg in MEMORY_CONFIGS_GPU]
     jobs = []
     for label, model, (ds, flags) in pairs:
         out = ctx.work / f"mem-{label}-{ds}"
         shutil.rmtree(out, ignore_errors=True)
-        recipe = {"data": {"train": str(ctx.work / "imdb-128"), "verify": "size"},
-                  "model": {"name": model, "dropout": 0.0},
-                  "train": {"steps": 3, "micro_batch": micro, "global_batch": micro, "lr": 1e-4, "warmup_steps": 0},
-                  "engine": {"ds_config": ds},
-                  "run": {"out_dir": str(out), "log_every": 1, "tensorboard": False, "ckpt_every": 0}}
+        recipe = {
+            "data": {"train": str(ctx.work / "imdb-128"), "verify": "size"},
+            "model": {"name": model, "dropout": 0.0},
+            "train": {"steps": 3, "micro_batch": micro, "global_batch": micro, "lr": 1e-4, "warmup_steps": 0},
+            "engine": {"ds_config": ds},
+            "run": {"out_dir": str(out), "log_every": 1, "tensorboard": False, "ckpt_every": 0},
+        }
         (ctx.work / f"{out.name}.yaml").write_text(json.dumps(recipe))
-        plan = subprocess.Popen([ctx.py, "-m", "trainer.cli", "plan-memory", "--model", model, "--ranks", "1", *flags,
-                                 "--micro-batch", str(micro), "--seq-len", "128", "--json"], cwd=ROOT, env=ctx.env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        plan = subprocess.Popen(
+            [
+                ctx.py,
+                "-m",
+                "trainer.cli",
+                "plan-memory",
+                "--model",
+                model,
+                "--ranks",
+                "1",
+                *flags,
+                "--micro-batch",
+                str(micro),
+                "--seq-len",
+                "128",
+                "--json",
+            ],
+            cwd=ROOT,
+            env=ctx.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         jobs.append({"model": label, "ds_config": ds, "micro_batch": micro, "out": out, "plan_proc": plan})
     for job in jobs:
         stdout, stderr = job.pop("plan_proc").communicate(timeout=max(10.0, ctx.remaining()))
@@ -313,13 +457,22 @@ def step_memory_plan(ctx: Ctx) -> dict:
     pending, running, rows = list(jobs), [], []
     while pending or running:
         used = sum(j["planned_device_mib"] or 0 for j, _, _ in running)
-        while pending and (not running or (capacity and used + (pending[0]["planned_device_mib"] or 0) <= capacity)
-                           or (not capacity and len(running) < 2)):
+        while pending and (
+            not running
+            or (capacity and used + (pending[0]["planned_device_mib"] or 0) <= capacity)
+            or (not capacity and len(running) < 2)
+        ):
             job = pending.pop(0)
             log = (ctx.work / f"{job['out'].name}.log").open("w")
             recipe = str(ctx.work / f"{job['out'].name}.yaml")
-            proc = subprocess.Popen([ctx.py, "-m", "trainer.cli", "pretrain", recipe], cwd=ROOT, env=ctx.env(),
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                [ctx.py, "-m", "trainer.cli", "pretrain", recipe],
+                cwd=ROOT,
+                env=ctx.env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             running.append((job, proc, log))
             used += job["planned_device_mib"] or 0
         time.sleep(0.5)
@@ -373,15 +526,34 @@ def step_pretrain_tiny(ctx: Ctx) -> dict:
     run = ctx.work / "pt-tiny-imdb"
     batch = 8 if ctx.dry else 256
     calib_steps = 6 if ctx.dry else 300
-    recipe = {"data": {"train": str(ctx.work / "imdb-128"), "eval": str(ctx.work / "imdb-heldout-128"),
-                       "verify": "size", "eval_max_sequences": 64 if ctx.dry else 4000},
-              "model": {"name": "bert-L2-H128", "dropout": 0.1},
-              "train": {"steps": calib_steps, "micro_batch": batch, "global_batch": batch, "lr": 2.0e-3,
-                        "betas": [0.9, 0.98], "warmup_steps": 2 * calib_steps, "weight_decay": 0.01, "clip": 1.0,
-                        "seed": 42},
-              "engine": {"ds_config": "zero0" if ctx.dry else "zero1_bf16"},
-              "run": {"out_dir": str(run), "log_every": 2 if ctx.dry else 50, "eval_every": 0,
-                      "ckpt_every": 0, "keep_checkpoints": 2}}
+    recipe = {
+        "data": {
+            "train": str(ctx.work / "imdb-128"),
+            "eval": str(ctx.work / "imdb-heldout-128"),
+            "verify": "size",
+            "eval_max_sequences": 64 if ctx.dry else 4000,
+        },
+        "model": {"name": "bert-L2-H128", "dropout": 0.1},
+        "train": {
+            "steps": calib_steps,
+            "micro_batch": batch,
+            "global_batch": batch,
+            "lr": 2.0e-3,
+            "betas": [0.9, 0.98],
+            "warmup_steps": 2 * calib_steps,
+            "weight_decay": 0.01,
+            "clip": 1.0,
+            "seed": 42,
+        },
+        "engine": {"ds_config": "zero0" if ctx.dry else "zero1_bf16"},
+        "run": {
+            "out_dir": str(run),
+            "log_every": 2 if ctx.dry else 50,
+            "eval_every": 0,
+            "ckpt_every": 0,
+            "keep_checkpoints": 2,
+        },
+    }
     path = ctx.work / "pretrain-tiny.yaml"
     path.write_text(json.dumps(recipe))
     t0 = time.time()
@@ -393,16 +565,31 @@ def step_pretrain_tiny(ctx: Ctx) -> dict:
     budget_s = max(10.0, ctx.remaining() - reserve - 30.0)  # 30 s: process start and DeepSpeed init
     steps = calib_steps + 4 if ctx.dry else max(calib_steps + 100, int(rate * budget_s * 0.9))
     ckpt_every = 2 if ctx.dry else max(100, int(rate * 60))
-    ctx.cli("pretrain", str(path), f"train.steps={steps}", f"run.ckpt_every={ckpt_every}",
-            f"train.max_minutes={budget_s / 60:.2f}", limit=budget_s + reserve + 30)
+    ctx.cli(
+        "pretrain",
+        str(path),
+        f"train.steps={steps}",
+        f"run.ckpt_every={ckpt_every}",
+        f"train.max_minutes={budget_s / 60:.2f}",
+        limit=budget_s + reserve + 30,
+    )
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     info = json.loads((run / "export" / "wellread.json").read_text())
     evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
     tarball = pack_fp16_export(run / "export", ctx.out / "bert-tiny-imdb.tar.gz", recipe, info, evals[-1:])
-    return {"steps": info.get("step"), "planned_steps": steps, "tokens_seen": info.get("tokens_seen"),
-            "calibrated_steps_per_s": round(rate, 2), "batch": batch, "seq_len": 128, "ckpt_every": ckpt_every,
-            "final_eval": evals[-1] if evals else None, "seconds": round(time.time() - t0, 1),
-            "tarball": tarball.name, "tarball_bytes": tarball.stat().st_size}
+    return {
+        "steps": info.get("step"),
+        "planned_steps": steps,
+        "tokens_seen": info.get("tokens_seen"),
+        "calibrated_steps_per_s": round(rate, 2),
+        "batch": batch,
+        "seq_len": 128,
+        "ckpt_every": ckpt_every,
+        "final_eval": evals[-1] if evals else None,
+        "seconds": round(time.time() - t0, 1),
+        "tarball": tarball.name,
+        "tarball_bytes": tarball.stat().st_size,
+    }
 
 
 def pack_fp16_export(export: Path, dest: Path, recipe: dict, info: dict, evals: list[dict]) -> Path:
@@ -417,7 +604,8 @@ def pack_fp16_export(export: Path, dest: Path, recipe: dict, info: dict, evals: 
     save_file(tensors, str(model), metadata={"format": "pt"})
     (stage / "bert-tiny-imdb" / "pretrain-recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
     (stage / "bert-tiny-imdb" / "pretrain-figures.json").write_text(
-        json.dumps({"export": info, "final_eval": evals[0] if evals else None}, indent=2) + "\n")
+        json.dumps({"export": info, "final_eval": evals[0] if evals else None}, indent=2) + "\n"
+    )
     tmp = dest.with_name(dest.name + ".tmp")
     with tarfile.open(tmp, "w:gz") as tar:
         tar.add(stage / "bert-tiny-imdb", arcname="bert-tiny-imdb")
@@ -472,8 +660,11 @@ def run_step(ctx: Ctx, name: str, summary: dict, lock: threading.Lock, t_all: fl
         write_json(ctx.out / "gpu-check.json", summary)
         with ctx.log.open("a") as log:
             log.write(f"\n===== {name}: {result['status']} in {result['seconds']} s\n{step_ctx.log.read_text()}")
-        print(f"[gpu-check] {name}: {result['status']} in {result['seconds']} s"
-              + (f" ({result['why']})" if "why" in result else ""), flush=True)
+        print(
+            f"[gpu-check] {name}: {result['status']} in {result['seconds']} s"
+            + (f" ({result['why']})" if "why" in result else ""),
+            flush=True,
+        )
 
 
 def inject(ctx: Ctx, name: str) -> None:
@@ -509,8 +700,14 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = args.work or Path(f"/tmp/wellread-gpu-check{'-dry' if args.dry_run else ''}")
     work.mkdir(parents=True, exist_ok=True)
-    ctx = Ctx(dry=args.dry_run, out=out, work=work, carry=args.carry, log=out / "check.log",
-              deadline=time.time() + args.budget)
+    ctx = Ctx(
+        dry=args.dry_run,
+        out=out,
+        work=work,
+        carry=args.carry,
+        log=out / "check.log",
+        deadline=time.time() + args.budget,
+    )
     summary_path = out / "gpu-check.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     summary.update({"dry_run": ctx.dry, "budget_s": args.budget, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
@@ -518,8 +715,12 @@ def main(argv: list[str] | None = None) -> int:
     if not ctx.log.is_file():
         ctx.log.write_text("")
     for name in wanted:
-        if name != "env" and NEEDS.get(name) and not (work / "imdb-128" / "manifest.json").is_file() \
-                and NEEDS[name] not in wanted:
+        if (
+            name != "env"
+            and NEEDS.get(name)
+            and not (work / "imdb-128" / "manifest.json").is_file()
+            and NEEDS[name] not in wanted
+        ):
             wanted.insert(wanted.index(name), NEEDS[name])
     t_all, lock, background = time.time(), threading.Lock(), []
     (work / "logs").mkdir(exist_ok=True)

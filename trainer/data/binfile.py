@@ -95,8 +95,13 @@ def write_arrays(path: str | os.PathLike, arrays: Sequence[np.ndarray], magic: b
         raise
     dtypes, shapes = [a.dtype.str for a in arrays], [list(a.shape) for a in arrays]
     one = len(arrays) == 1
-    return {"file": path.name, "dtype": dtypes[0] if one else dtypes, "shape": shapes[0] if one else shapes,
-            "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return {
+        "file": path.name,
+        "dtype": dtypes[0] if one else dtypes,
+        "shape": shapes[0] if one else shapes,
+        "bytes": path.stat().st_size,
+        "sha256": sha256_file(path),
+    }
 
 
 def write_array(path: str | os.PathLike, arr: np.ndarray, magic: bytes, version: int) -> dict:
@@ -130,8 +135,9 @@ class VectorWriter:
         self._tmp.unlink(missing_ok=True)
 
 
-def read_arrays(path: str | os.PathLike, magic: bytes, version: int, what: str, records: int = 1,
-                hint: str = "") -> list[np.ndarray]:
+def read_arrays(
+    path: str | os.PathLike, magic: bytes, version: int, what: str, records: int = 1, hint: str = ""
+) -> list[np.ndarray]:
     """Memory-map every record after validating its header; the records must fill the file exactly.
 
     Errors are one line naming the file: wrong magic (another kind of file), another version (with
@@ -152,8 +158,10 @@ def read_arrays(path: str | os.PathLike, magic: bytes, version: int, what: str, 
             if got_magic != magic:
                 raise UserError(f"{path}: not a {what} file (magic {got_magic!r}, expected {magic!r})")
             if got_version != version:
-                raise UserError(f"{path}: {what} format version {got_version}, this wellread reads version {version}"
-                                + (f"; {hint}" if hint else ""))
+                raise UserError(
+                    f"{path}: {what} format version {got_version}, this wellread reads version {version}"
+                    + (f"; {hint}" if hint else "")
+                )
             dtype_str = dt.rstrip(b"\0").decode("ascii", "replace")
             if dtype_str not in DTYPES:
                 raise UserError(f"{path}: unsupported dtype {dtype_str!r} in {what}")
@@ -162,10 +170,14 @@ def read_arrays(path: str | os.PathLike, magic: bytes, version: int, what: str, 
             nbytes = dtype.itemsize * math.prod(shape)
             offset += HEADER.size
             if offset + nbytes > size:
-                raise UserError(f"{path}: size {size} is too small for its header ({dtype_str} {list(shape)}) "
-                                f"in {what}: truncated")
-            out.append(np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape) if nbytes
-                       else np.zeros(shape, dtype=dtype))
+                raise UserError(
+                    f"{path}: size {size} is too small for its header ({dtype_str} {list(shape)}) in {what}: truncated"
+                )
+            out.append(
+                np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+                if nbytes
+                else np.zeros(shape, dtype=dtype)
+            )
             offset += nbytes
     if offset != size:
         raise UserError(f"{path}: size {size} does not match its headers ({offset} bytes) in {what}")
@@ -188,6 +200,8 @@ def read_manifest(path: Path, format_name: str, version: int, what: str, unfinis
     if not isinstance(manifest, dict) or manifest.get("format") != format_name:
         raise UserError(f"{path}: not a {format_name} manifest")
     if manifest.get("version") != version:
-        raise UserError(f"{path}: {what} of format version {manifest.get('version')}, this wellread reads version "
-                        f"{version}; {rebuild}")
+        raise UserError(
+            f"{path}: {what} of format version {manifest.get('version')}, this wellread reads version "
+            f"{version}; {rebuild}"
+        )
     return manifest

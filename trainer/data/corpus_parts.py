@@ -46,8 +46,10 @@ def partition(files: list[Path], n: int) -> list[list[Path]]:
     if n < 1:
         raise UserError(f"--num-tasks must be at least 1, got {n}")
     if len(files) < n:
-        raise UserError(f"{n} tasks but only {len(files)} input file(s): each task needs at least one (use at most "
-                        f"{len(files)} tasks)")
+        raise UserError(
+            f"{n} tasks but only {len(files)} input file(s): each task needs at least one (use at most "
+            f"{len(files)} tasks)"
+        )
     sizes = [p.stat().st_size for p in files]
     total = sum(sizes) or 1
     cuts = [0]
@@ -75,8 +77,16 @@ def merged_fingerprint(spec: SourceSpec, opts: PackOptions, tok_hash: str, n: in
     return hashlib.sha256(f"{base}:parts={n}".encode()).hexdigest()
 
 
-def preprocess_part(spec: SourceSpec, out: Path, tokenizer: str | None, opts: PackOptions, index: int, n: int,
-                    progress: bool = False, command: list[str] | None = None) -> dict:
+def preprocess_part(
+    spec: SourceSpec,
+    out: Path,
+    tokenizer: str | None,
+    opts: PackOptions,
+    index: int,
+    n: int,
+    progress: bool = False,
+    command: list[str] | None = None,
+) -> dict:
     """Preprocess share `index` of n into its part directory (resumes like any corpus directory)."""
     if spec.hf_dataset:
         raise UserError("--num-tasks/--slurm-array share out input files; a --hf-dataset is read by one process")
@@ -89,10 +99,13 @@ def preprocess_part(spec: SourceSpec, out: Path, tokenizer: str | None, opts: Pa
         print(f"{out}: already merged; nothing to do", file=sys.stderr)
         return read_json(Path(out) / MANIFEST, "corpus manifest")
     share = partition(list(spec.files), n)[index]
-    print(f"task {index} of {n}: {len(share)} of {len(spec.files)} file(s) ({share[0].name} .. {share[-1].name})",
-          file=sys.stderr)
-    return preprocess(replace(spec, files=share), part_dir(out, index, n), tokenizer, opts, progress=progress,
-                      command=command)
+    print(
+        f"task {index} of {n}: {len(share)} of {len(spec.files)} file(s) ({share[0].name} .. {share[-1].name})",
+        file=sys.stderr,
+    )
+    return preprocess(
+        replace(spec, files=share), part_dir(out, index, n), tokenizer, opts, progress=progress, command=command
+    )
 
 
 def parts_finished(out: Path, n: int) -> list[int]:
@@ -122,8 +135,9 @@ def _publish(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def merge(spec: SourceSpec, out: Path, tokenizer: str | None, opts: PackOptions, n: int,
-          command: list[str] | None = None) -> dict:
+def merge(
+    spec: SourceSpec, out: Path, tokenizer: str | None, opts: PackOptions, n: int, command: list[str] | None = None
+) -> dict:
     """Merge the n finished parts of OUT into one verified corpus in OUT (idempotent)."""
     from trainer.data.tokenization import load_tokenizer, resolve_tokenizer_path, tokenizer_hash
 
@@ -137,12 +151,16 @@ def merge(spec: SourceSpec, out: Path, tokenizer: str | None, opts: PackOptions,
         if existing.get("fingerprint") == fingerprint:
             print(f"{out}: already merged ({existing['stats']['tokens']:,} tokens); nothing to do", file=sys.stderr)
             return existing
-        raise UserError(f"{manifest_path}: the directory holds a finished corpus made from other inputs or options; "
-                        "choose a new output directory (nothing was overwritten)")
+        raise UserError(
+            f"{manifest_path}: the directory holds a finished corpus made from other inputs or options; "
+            "choose a new output directory (nothing was overwritten)"
+        )
     missing = parts_finished(out, n)
     if missing:
-        raise UserError(f"{part_dir(out, missing[0], n)}: part {missing[0]} of {n} is not finished ({len(missing)} "
-                        f"missing); re-run array task {missing[0]} (finished parts are kept), then merge")
+        raise UserError(
+            f"{part_dir(out, missing[0], n)}: part {missing[0]} of {n} is not finished ({len(missing)} "
+            f"missing); re-run array task {missing[0]} (finished parts are kept), then merge"
+        )
     parts: list[dict] = []
     for i, share in enumerate(partition(list(spec.files), n)):
         d = part_dir(out, i, n)
@@ -150,8 +168,10 @@ def merge(spec: SourceSpec, out: Path, tokenizer: str | None, opts: PackOptions,
         if manifest.get("version") != VERSION:
             raise UserError(f"{d / MANIFEST}: corpus format version {manifest.get('version')}; {REBUILD}")
         if manifest.get("fingerprint") != run_fingerprint(replace(spec, files=share), opts, tok_hash):
-            raise UserError(f"{d}: made from other files, options or tokenizer than share {i} of {n} of this command; "
-                            f"remove {out / PARTS} and run the array again")
+            raise UserError(
+                f"{d}: made from other files, options or tokenizer than share {i} of {n} of this command; "
+                f"remove {out / PARTS} and run the array again"
+            )
         TokenShards(d, verify="full")  # every shard's sha256, headers and counts
         parts.append(manifest)
     remove_stale_tmp(out)
@@ -163,9 +183,16 @@ def merge(spec: SourceSpec, out: Path, tokenizer: str | None, opts: PackOptions,
             stem = shard_stem(len(shards))
             for key in ("bin", "idx"):
                 _publish(d / entry[key], out / f"{stem}.{key}")
-            info = {**entry, "name": stem, "bin": f"{stem}.bin", "idx": f"{stem}.idx",
-                    "doc_start": entry["doc_start"] + doc_base, "doc_end": entry["doc_end"] + doc_base,
-                    "fingerprint": fingerprint, "part": i}
+            info = {
+                **entry,
+                "name": stem,
+                "bin": f"{stem}.bin",
+                "idx": f"{stem}.idx",
+                "doc_start": entry["doc_start"] + doc_base,
+                "doc_end": entry["doc_end"] + doc_base,
+                "fingerprint": fingerprint,
+                "part": i,
+            }
             atomic_write_json(out / f"{stem}.json", info)
             shards.append(info)
         doc_base += manifest["shards"][-1]["doc_end"]
@@ -200,8 +227,9 @@ def merge(spec: SourceSpec, out: Path, tokenizer: str | None, opts: PackOptions,
     atomic_write_json(manifest_path, merged)
     TokenShards(out, verify="size")  # the published corpus opens: every listed file, header and count
     shutil.rmtree(out / PARTS, ignore_errors=True)
-    print(f"{out}: merged {n} part(s) into {len(shards)} shard(s), {merged['stats']['tokens']:,} tokens",
-          file=sys.stderr)
+    print(
+        f"{out}: merged {n} part(s) into {len(shards)} shard(s), {merged['stats']['tokens']:,} tokens", file=sys.stderr
+    )
     return merged
 
 
@@ -218,6 +246,8 @@ def array_position(environ: Mapping[str, str]) -> tuple[int, int]:
     """(position of this task in its Slurm job array, number of tasks); an error outside an array."""
     position = slurm_array_position(environ, flags="--task-index and --num-tasks")
     if position is None:
-        raise UserError("--slurm-array outside a Slurm job array (no SLURM_ARRAY_TASK_ID): use --task-index and "
-                        "--num-tasks, or submit with sbatch --array")
+        raise UserError(
+            "--slurm-array outside a Slurm job array (no SLURM_ARRAY_TASK_ID): use --task-index and "
+            "--num-tasks, or submit with sbatch --array"
+        )
     return position

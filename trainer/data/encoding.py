@@ -39,12 +39,16 @@ def encode(examples, tokenizer, max_len: int, regression: bool) -> Encoded:
     finally:
         tok.no_truncation()
     labels = np.asarray([e.label for e in examples], dtype=np.float32 if regression else np.int64)
-    return Encoded([np.asarray(e.ids, dtype=np.int64) for e in encodings],
-                   [np.asarray(e.type_ids, dtype=np.int64) for e in encodings], labels)
+    return Encoded(
+        [np.asarray(e.ids, dtype=np.int64) for e in encodings],
+        [np.asarray(e.type_ids, dtype=np.int64) for e in encodings],
+        labels,
+    )
 
 
-def load_task_data(task: TaskSpec, split: str, data_root: str | Path | None, tok, max_len: int,
-                   limit: int | None = None) -> tuple[Encoded, LoadedSplit]:
+def load_task_data(
+    task: TaskSpec, split: str, data_root: str | Path | None, tok, max_len: int, limit: int | None = None
+) -> tuple[Encoded, LoadedSplit]:
     """A split of a task, read (`limit`: its first examples only) and encoded for the classifier."""
     loaded = load_split(task, split, Path(data_root) if data_root else None)
     examples = loaded.examples[:limit] if limit else loaded.examples
@@ -60,5 +64,9 @@ def collate(enc: Encoded, idx: np.ndarray, pad_id: int) -> dict[str, torch.Tenso
     for row, i in enumerate(idx):
         n = len(enc.input_ids[i])
         ids[row, :n], types[row, :n], mask[row, :n] = enc.input_ids[i], enc.token_type_ids[i], 1
-    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
-            "token_type_ids": torch.from_numpy(types), "labels": torch.from_numpy(enc.labels[idx])}
+    return {
+        "input_ids": torch.from_numpy(ids),
+        "attention_mask": torch.from_numpy(mask),
+        "token_type_ids": torch.from_numpy(types),
+        "labels": torch.from_numpy(enc.labels[idx]),
+    }

@@ -30,8 +30,18 @@ from trainer.data.binfile import VectorWriter, read_array, read_arrays, read_man
 from trainer.errors import UserError
 from trainer.fileio import atomic_write_json, sha256_file
 
-__all__ = ["FORMAT_NAME", "MANIFEST", "TOKENIZER_FILE", "VERSION", "Shard", "ShardWriter", "TokenShards",
-           "open_shard", "shard_stem", "token_dtype"]
+__all__ = [
+    "FORMAT_NAME",
+    "MANIFEST",
+    "TOKENIZER_FILE",
+    "VERSION",
+    "Shard",
+    "ShardWriter",
+    "TokenShards",
+    "open_shard",
+    "shard_stem",
+    "token_dtype",
+]
 
 MAGIC = b"WRIDX\x00\x00\x01"  # unchanged since version 1, so a version-1 .idx gets the version message
 VERSION = 2
@@ -75,8 +85,9 @@ class ShardWriter:
         """Publish both files (each fsynced and renamed), then the sidecar that marks the shard finished."""
         self._bin.close()
         doc_off = self.doc_off + [self.n_seqs]
-        write_arrays(self.idx_path, [np.asarray(self.seq_off, dtype="<u8"), np.asarray(doc_off, dtype="<u8")],
-                     MAGIC, VERSION)
+        write_arrays(
+            self.idx_path, [np.asarray(self.seq_off, dtype="<u8"), np.asarray(doc_off, dtype="<u8")], MAGIC, VERSION
+        )
         info = {
             "name": self.stem,
             "version": VERSION,
@@ -107,7 +118,7 @@ class Shard:
         return len(self.seq_off) - 1
 
     def sequence(self, i: int) -> np.ndarray:
-        return self.tokens[self.seq_off[i]:self.seq_off[i + 1]]
+        return self.tokens[self.seq_off[i] : self.seq_off[i + 1]]
 
 
 def open_shard(bin_path: Path, idx_path: Path) -> Shard:
@@ -121,11 +132,14 @@ def open_shard(bin_path: Path, idx_path: Path) -> Shard:
     if tokens.ndim != 1 or tokens.dtype.str not in ("<u2", "<u4"):
         raise UserError(f"{bin_path}: tokens must be a uint16/uint32 vector, got {tokens.dtype.str} {tokens.shape}")
     if int(seq_off[0]) != 0 or int(seq_off[-1]) != tokens.size:
-        raise UserError(f"{idx_path}: sequence offsets span {int(seq_off[0])}..{int(seq_off[-1])}, the .bin holds "
-                        f"{tokens.size} tokens")
+        raise UserError(
+            f"{idx_path}: sequence offsets span {int(seq_off[0])}..{int(seq_off[-1])}, the .bin holds "
+            f"{tokens.size} tokens"
+        )
     if int(doc_off[-1]) != seq_off.size - 1:
-        raise UserError(f"{idx_path}: document offsets end at {int(doc_off[-1])}, the shard has {seq_off.size - 1} "
-                        "sequences")
+        raise UserError(
+            f"{idx_path}: document offsets end at {int(doc_off[-1])}, the shard has {seq_off.size - 1} sequences"
+        )
     return Shard(bin_path.stem, tokens, seq_off, doc_off)
 
 
@@ -138,9 +152,14 @@ class TokenShards:
 
     def __init__(self, directory: str | Path, verify: str = "full"):
         self.directory = Path(directory)
-        self.manifest = read_manifest(self.directory / MANIFEST, FORMAT_NAME, VERSION, "preprocessed corpus",
-                                      "preprocessing did not finish: re-run tools/preprocess_corpus.py to resume",
-                                      REBUILD)
+        self.manifest = read_manifest(
+            self.directory / MANIFEST,
+            FORMAT_NAME,
+            VERSION,
+            "preprocessed corpus",
+            "preprocessing did not finish: re-run tools/preprocess_corpus.py to resume",
+            REBUILD,
+        )
         self.shards: list[Shard] = []
         for entry in self.manifest["shards"]:
             bin_path, idx_path = self.directory / entry["bin"], self.directory / entry["idx"]
@@ -151,8 +170,10 @@ class TokenShards:
                 for path, key in ((bin_path, "bin_sha256"), (idx_path, "idx_sha256")):
                     digest = sha256_file(path)
                     if digest != entry[key]:
-                        raise UserError(f"{path}: checksum mismatch in shard {entry['name']} (sha256 {digest[:12]}.. "
-                                        f"!= manifest {entry[key][:12]}..): the file is corrupt")
+                        raise UserError(
+                            f"{path}: checksum mismatch in shard {entry['name']} (sha256 {digest[:12]}.. "
+                            f"!= manifest {entry[key][:12]}..): the file is corrupt"
+                        )
             shard = open_shard(bin_path, idx_path)
             if len(shard) != entry["sequences"] or int(shard.seq_off[-1]) != entry["tokens"]:
                 raise UserError(f"{idx_path}: counts disagree with {MANIFEST} for shard {entry['name']}")
@@ -190,8 +211,11 @@ class TokenShards:
         return self.shards[shard].sequence(local)
 
     def lengths(self) -> np.ndarray:
-        return np.concatenate([np.diff(np.asarray(s.seq_off)) for s in self.shards]) if self.shards \
+        return (
+            np.concatenate([np.diff(np.asarray(s.seq_off)) for s in self.shards])
+            if self.shards
             else np.zeros(0, dtype=np.int64)
+        )
 
     def documents(self):
         """Yield each document as the list of its sequences (round trips and inspection)."""

@@ -28,8 +28,9 @@ class MaskSpec:
         return table
 
 
-def mask_one(ids: np.ndarray, rng: np.random.Generator, spec: MaskSpec, special: np.ndarray
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def mask_one(
+    ids: np.ndarray, rng: np.random.Generator, spec: MaskSpec, special: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """-> (input ids, masked positions (sorted), original ids at those positions)."""
     ids = ids.astype(np.int64)
     candidates = np.flatnonzero(~special[ids])
@@ -49,8 +50,9 @@ def mask_one(ids: np.ndarray, rng: np.random.Generator, spec: MaskSpec, special:
     return out, positions, labels
 
 
-def mlm_batch(seqs: list[np.ndarray], keys: list[tuple[int, ...]], spec: MaskSpec,
-              special: np.ndarray) -> dict[str, torch.Tensor]:
+def mlm_batch(
+    seqs: list[np.ndarray], keys: list[tuple[int, ...]], spec: MaskSpec, special: np.ndarray
+) -> dict[str, torch.Tensor]:
     """Pad to the longest sequence and mask each example with its own key-seeded generator.
 
     `mlm_positions` index the flattened [batch * length] token grid, so the MLM head can gather only
@@ -61,8 +63,8 @@ def mlm_batch(seqs: list[np.ndarray], keys: list[tuple[int, ...]], spec: MaskSpe
     positions, labels = [], []
     for row, (seq, key) in enumerate(zip(seqs, keys)):
         masked, pos, lab = mask_one(np.asarray(seq), np.random.default_rng(list(key)), spec, special)
-        input_ids[row, :len(seq)] = masked
-        attention[row, :len(seq)] = 1
+        input_ids[row, : len(seq)] = masked
+        attention[row, : len(seq)] = 1
         positions.append(pos + row * length)
         labels.append(lab)
     return {

@@ -106,7 +106,7 @@ def _split(result: tuple[np.ndarray, np.ndarray, np.ndarray]):
     docs, lengths, flat = result
     ends = np.cumsum(lengths)
     for d, end, n in zip(docs.tolist(), ends.tolist(), lengths.tolist()):
-        yield d, flat[end - n:end]
+        yield d, flat[end - n : end]
 
 
 # ---------------------------------------------------------------------------------------------- packing
@@ -137,8 +137,8 @@ class Packer:
         data = np.concatenate(self.buf)
         n_full = data.size // self.body
         for i in range(n_full):
-            writer.add_sequence(self._wrap(data[i * self.body:(i + 1) * self.body]))
-        rest = data[n_full * self.body:]
+            writer.add_sequence(self._wrap(data[i * self.body : (i + 1) * self.body]))
+        rest = data[n_full * self.body :]
         self.buf, self.buf_len = ([rest], rest.size) if rest.size else ([], 0)
 
     def end_document(self, writer: ShardWriter) -> None:
@@ -177,9 +177,14 @@ def run_fingerprint(spec: SourceSpec, opts: PackOptions, tok_hash: str) -> str:
     """What must be equal for finished shards to be reused by a re-run."""
     key = {
         "tokenizer": tok_hash,
-        "seq_len": opts.seq_len, "shard_tokens": opts.shard_tokens, "packing": opts.packing,
-        "doc_mode": spec.doc_mode, "text_field": spec.text_field, "strip_gutenberg": spec.strip_gutenberg,
-        "wikitext": spec.wikitext, "files": [[str(p), p.stat().st_size] for p in spec.files],
+        "seq_len": opts.seq_len,
+        "shard_tokens": opts.shard_tokens,
+        "packing": opts.packing,
+        "doc_mode": spec.doc_mode,
+        "text_field": spec.text_field,
+        "strip_gutenberg": spec.strip_gutenberg,
+        "wikitext": spec.wikitext,
+        "files": [[str(p), p.stat().st_size] for p in spec.files],
         "hf_dataset": [spec.hf_dataset, spec.hf_config, spec.hf_split],
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
@@ -194,13 +199,17 @@ def finished_shards(out: Path, fingerprint: str) -> list[dict]:
             break
         info = read_json(sidecar, "shard sidecar")
         if info.get("version", 1) != VERSION:
-            raise UserError(f"{sidecar}: shard of corpus format version {info.get('version', 1)}, this wellread "
-                            f"writes version {VERSION}; {REBUILD} (nothing was overwritten)")
+            raise UserError(
+                f"{sidecar}: shard of corpus format version {info.get('version', 1)}, this wellread "
+                f"writes version {VERSION}; {REBUILD} (nothing was overwritten)"
+            )
         if info.get("fingerprint") != fingerprint:
-            raise UserError(f"{sidecar}: written with other inputs or options; use a new output directory "
-                            "(nothing was overwritten)")
-        intact = all((out / info[k]).is_file() and sha256_file(out / info[k]) == info[f"{k}_sha256"]
-                     for k in ("bin", "idx"))
+            raise UserError(
+                f"{sidecar}: written with other inputs or options; use a new output directory (nothing was overwritten)"
+            )
+        intact = all(
+            (out / info[k]).is_file() and sha256_file(out / info[k]) == info[f"{k}_sha256"] for k in ("bin", "idx")
+        )
         if not intact:
             break
         done.append(info)
@@ -210,8 +219,14 @@ def finished_shards(out: Path, fingerprint: str) -> list[dict]:
     return done
 
 
-def preprocess(spec: SourceSpec, out: Path, tokenizer: str | None = None, opts: PackOptions | None = None,
-               progress: bool = True, command: list[str] | None = None) -> dict:
+def preprocess(
+    spec: SourceSpec,
+    out: Path,
+    tokenizer: str | None = None,
+    opts: PackOptions | None = None,
+    progress: bool = True,
+    command: list[str] | None = None,
+) -> dict:
     opts = opts or PackOptions()
     opts.validate()
     if not spec.files and not spec.hf_dataset:
@@ -231,13 +246,17 @@ def preprocess(spec: SourceSpec, out: Path, tokenizer: str | None = None, opts: 
     if manifest_path.exists():
         existing = read_json(manifest_path, "corpus manifest")
         if existing.get("version") != VERSION:
-            raise UserError(f"{manifest_path}: a corpus of format version {existing.get('version')}, this wellread "
-                            f"writes version {VERSION}; {REBUILD} (nothing was overwritten)")
+            raise UserError(
+                f"{manifest_path}: a corpus of format version {existing.get('version')}, this wellread "
+                f"writes version {VERSION}; {REBUILD} (nothing was overwritten)"
+            )
         if existing.get("fingerprint") == fingerprint:
             print(f"{out}: already complete ({existing['stats']['tokens']:,} tokens); nothing to do", file=sys.stderr)
             return existing
-        raise UserError(f"{manifest_path}: the directory holds a finished corpus made from other inputs or "
-                        "options; choose a new output directory (nothing was overwritten)")
+        raise UserError(
+            f"{manifest_path}: the directory holds a finished corpus made from other inputs or "
+            "options; choose a new output directory (nothing was overwritten)"
+        )
     remove_stale_tmp(out)
     shards = finished_shards(out, fingerprint)
     resume_doc = shards[-1]["doc_end"] if shards else 0
@@ -296,13 +315,27 @@ def preprocess(spec: SourceSpec, out: Path, tokenizer: str | None = None, opts: 
         "format": FORMAT_NAME,
         "version": VERSION,
         "fingerprint": fingerprint,
-        "tokenizer": {"file": TOKENIZER_FILE, "source": str(tok_path), "sha256": tok_hash, "vocab_size": vocab,
-                      "special_ids": asdict(specials)},
-        "options": {**asdict(opts), "doc_mode": spec.doc_mode, "text_field": spec.text_field,
-                    "strip_gutenberg": spec.strip_gutenberg, "wikitext": spec.wikitext, "dtype": dtype.name},
+        "tokenizer": {
+            "file": TOKENIZER_FILE,
+            "source": str(tok_path),
+            "sha256": tok_hash,
+            "vocab_size": vocab,
+            "special_ids": asdict(specials),
+        },
+        "options": {
+            **asdict(opts),
+            "doc_mode": spec.doc_mode,
+            "text_field": spec.text_field,
+            "strip_gutenberg": spec.strip_gutenberg,
+            "wikitext": spec.wikitext,
+            "dtype": dtype.name,
+        },
         "sources": [{"path": str(p), "bytes": p.stat().st_size} for p in spec.files]
-                   + ([{"hf_dataset": spec.hf_dataset, "config": spec.hf_config, "split": spec.hf_split}]
-                      if spec.hf_dataset else []),
+        + (
+            [{"hf_dataset": spec.hf_dataset, "config": spec.hf_config, "split": spec.hf_split}]
+            if spec.hf_dataset
+            else []
+        ),
         "stats": {
             "tokens": sum(s["tokens"] for s in shards),
             "sequences": sum(s["sequences"] for s in shards),
@@ -326,5 +359,12 @@ def _progress_bar(total: int, enabled: bool):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total or None, unit="B", unit_scale=True, unit_divisor=1024, desc="preprocess",
-                file=sys.stderr, mininterval=0.5)
+    return tqdm(
+        total=total or None,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="preprocess",
+        file=sys.stderr,
+        mininterval=0.5,
+    )

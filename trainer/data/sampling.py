@@ -39,8 +39,7 @@ class Permutation:
         bits += bits % 2
         self.half = np.uint64(bits // 2)
         self.mask = np.uint64((1 << (bits // 2)) - 1)
-        self.keys = np.random.default_rng([seed, epoch, 0x5EED]).integers(1, 2**63, size=self.ROUNDS,
-                                                                          dtype=np.uint64)
+        self.keys = np.random.default_rng([seed, epoch, 0x5EED]).integers(1, 2**63, size=self.ROUNDS, dtype=np.uint64)
 
     def _round_fn(self, r: np.ndarray, key: np.uint64) -> np.ndarray:
         with np.errstate(over="ignore"):
@@ -84,8 +83,17 @@ class BatchOrder:
     one (a rank may get none). In both modes the slices are [r*m//W, (r+1)*m//W).
     """
 
-    def __init__(self, n_items: int, global_batch: int, rank: int, world_size: int, seed: int,
-                 shuffle: bool = True, what: str = "dataset", partial_last: bool = False):
+    def __init__(
+        self,
+        n_items: int,
+        global_batch: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle: bool = True,
+        what: str = "dataset",
+        partial_last: bool = False,
+    ):
         if n_items < 1:
             raise UserError(f"{what} has no items")
         if global_batch < 1:
@@ -95,7 +103,13 @@ class BatchOrder:
         if not partial_last and global_batch % world_size:
             raise UserError(f"global batch {global_batch} is not divisible by {world_size} ranks")
         self.n, self.g, self.rank, self.world, self.seed, self.shuffle = (
-            n_items, global_batch, rank, world_size, seed, shuffle)
+            n_items,
+            global_batch,
+            rank,
+            world_size,
+            seed,
+            shuffle,
+        )
         self.what, self.partial_last = what, partial_last
         self.batches_per_epoch = -(-n_items // global_batch) if partial_last else n_items // global_batch
         if self.batches_per_epoch == 0:
@@ -110,9 +124,11 @@ class BatchOrder:
     def check(self, cursor: Cursor) -> None:
         """A cursor saved for other data or another batch size is an error, not a silent wrap-around."""
         if cursor.epoch < 0 or not 0 <= cursor.batch < self.batches_per_epoch:
-            raise UserError(f"cursor (epoch {cursor.epoch}, batch {cursor.batch}) is outside the "
-                            f"{self.batches_per_epoch} global batches of {self.g} per epoch over {self.n} items of "
-                            f"the {self.what}: the checkpoint was made for other data or another batch size")
+            raise UserError(
+                f"cursor (epoch {cursor.epoch}, batch {cursor.batch}) is outside the "
+                f"{self.batches_per_epoch} global batches of {self.g} per epoch over {self.n} items of "
+                f"the {self.what}: the checkpoint was made for other data or another batch size"
+            )
 
     def global_batch_size(self, cursor: Cursor) -> int:
         """Items in this global batch over all ranks (G, or fewer for the partial last batch)."""
@@ -128,7 +144,7 @@ class BatchOrder:
         """This rank's items for the global batch at `cursor` (possibly empty with `partial_last`)."""
         items = self.global_items(cursor)
         m = len(items)
-        return items[self.rank * m // self.world:(self.rank + 1) * m // self.world]
+        return items[self.rank * m // self.world : (self.rank + 1) * m // self.world]
 
     def advance(self, cursor: Cursor) -> Cursor:
         self.check(cursor)
@@ -144,8 +160,17 @@ class BucketedOrder(BatchOrder):
     `partial_last` every item is visited once per epoch: the full batches are shuffled and the remainder
     stays the last, shorter batch, as in BatchOrder."""
 
-    def __init__(self, lengths: np.ndarray, global_batch: int, rank: int, world_size: int, seed: int,
-                 window: int = 50, what: str = "task", partial_last: bool = False):
+    def __init__(
+        self,
+        lengths: np.ndarray,
+        global_batch: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        window: int = 50,
+        what: str = "task",
+        partial_last: bool = False,
+    ):
         super().__init__(len(lengths), global_batch, rank, world_size, seed, what=what, partial_last=partial_last)
         self.lengths, self.window = np.asarray(lengths), max(1, window)
         self._cache: tuple[int, list[np.ndarray]] | None = None
@@ -156,13 +181,13 @@ class BucketedOrder(BatchOrder):
             order = self.order(epoch)(np.arange(self.n))[: self.batches_per_epoch * self.g]
             span = self.window * self.g
             for start in range(0, len(order), span):
-                part = order[start:start + span]
-                order[start:start + span] = part[np.argsort(self.lengths[part], kind="stable")]
+                part = order[start : start + span]
+                order[start : start + span] = part[np.argsort(self.lengths[part], kind="stable")]
             batches = list(order[: full * self.g].reshape(full, self.g))
             shuffle = Permutation(full, self.seed + 1, epoch)(np.arange(full)) if full else np.arange(0)
             batches = [batches[int(i)] for i in shuffle]
             if len(order) > full * self.g:
-                batches.append(order[full * self.g:])
+                batches.append(order[full * self.g :])
             self._cache = (epoch, batches)
         return self._cache[1]
 
@@ -176,12 +201,28 @@ class StoreSampler(BucketedOrder):
     examples' token lengths, length-bucketed in windows of `window` global batches (`window=0` or no
     lengths: a plain shuffle)."""
 
-    def __init__(self, n_examples: int, global_batch: int, rank: int, world_size: int, seed: int,
-                 lengths: np.ndarray | None = None, window: int = 50):
+    def __init__(
+        self,
+        n_examples: int,
+        global_batch: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        lengths: np.ndarray | None = None,
+        window: int = 50,
+    ):
         if lengths is not None and len(lengths) != n_examples:
             raise ValueError(f"{len(lengths)} lengths for {n_examples} examples")
-        super().__init__(np.zeros(n_examples, dtype=np.int64) if lengths is None else lengths, global_batch, rank,
-                         world_size, seed, window=window, what="soft-label store", partial_last=True)
+        super().__init__(
+            np.zeros(n_examples, dtype=np.int64) if lengths is None else lengths,
+            global_batch,
+            rank,
+            world_size,
+            seed,
+            window=window,
+            what="soft-label store",
+            partial_last=True,
+        )
         self.bucketed = lengths is not None and window > 0
 
     def global_items(self, cursor: Cursor) -> np.ndarray:

@@ -32,8 +32,16 @@ class _PrimaryMetric(dict):
 
 
 PRIMARY_METRIC: dict[str, str] = _PrimaryMetric(
-    sst2="accuracy", imdb="accuracy", rte="accuracy", amazon_books="accuracy", mrpc="f1", cola="mcc",
-    stsb="pearson", regression="pearson", mcc="mcc", acc_and_f1="f1",
+    sst2="accuracy",
+    imdb="accuracy",
+    rte="accuracy",
+    amazon_books="accuracy",
+    mrpc="f1",
+    cola="mcc",
+    stsb="pearson",
+    regression="pearson",
+    mcc="mcc",
+    acc_and_f1="f1",
 )
 
 
@@ -67,7 +75,7 @@ def matthews_corrcoef(predictions: Any, labels: Any) -> float:
     classes, idx = np.unique(np.concatenate([y, p]), return_inverse=True)
     k = len(classes)
     cm = np.zeros((k, k), dtype=np.float64)
-    np.add.at(cm, (idx[: y.size], idx[y.size:]), 1.0)  # rows: true class, columns: predicted
+    np.add.at(cm, (idx[: y.size], idx[y.size :]), 1.0)  # rows: true class, columns: predicted
     t, q = cm.sum(axis=1), cm.sum(axis=0)
     c, s = np.trace(cm), cm.sum()
     cov_yp = c * s - t @ q

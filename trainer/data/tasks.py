@@ -98,8 +98,9 @@ class TaskSpec:
             for key in ("text_a", "text_b", "label"):
                 value = getattr(self, key)
                 if value is not None and not value.isdigit():
-                    raise ValueError(f"task {self.name}: without a header, {key} must be a column index "
-                                     f"like '0', got '{value}'")
+                    raise ValueError(
+                        f"task {self.name}: without a header, {key} must be a column index like '0', got '{value}'"
+                    )
         for key in self.hf_split_map or {}:
             if key not in SPLITS:
                 raise ValueError(f"task {self.name}: hf_split_map key '{key}' is not one of {', '.join(SPLITS)}")
@@ -109,31 +110,61 @@ class TaskSpec:
             raise ValueError(f"task {self.name}: unknown encoding '{self.encoding}'") from None
 
 
-def _glue(name: str, d: str, train: str, text_a: str, text_b: str | None = None, label: str = "label",
-          labels: list[str] | None = None, header: bool = True) -> TaskSpec:
-    return TaskSpec(name=name, format="glue_tsv", train=f"glue/{d}/{train}", dev=f"glue/{d}/dev.tsv",
-                    text_a=text_a, text_b=text_b, label=label,
-                    labels=["0", "1"] if labels is None else labels, header=header)
+def _glue(
+    name: str,
+    d: str,
+    train: str,
+    text_a: str,
+    text_b: str | None = None,
+    label: str = "label",
+    labels: list[str] | None = None,
+    header: bool = True,
+) -> TaskSpec:
+    return TaskSpec(
+        name=name,
+        format="glue_tsv",
+        train=f"glue/{d}/{train}",
+        dev=f"glue/{d}/dev.tsv",
+        text_a=text_a,
+        text_b=text_b,
+        label=label,
+        labels=["0", "1"] if labels is None else labels,
+        header=header,
+    )
 
 
 # Paths are relative to the data root (../shared/data in the repo layout; see default_data_root).
 BUILTIN_TASKS: dict[str, TaskSpec] = {
     "sst2": _glue("sst2", "SST-2", "train.tsv.gz", "sentence"),
-    "rte": _glue("rte", "RTE", "train.tsv", "sentence1", "sentence2",
-                 labels=["entailment", "not_entailment"]),
+    "rte": _glue("rte", "RTE", "train.tsv", "sentence1", "sentence2", labels=["entailment", "not_entailment"]),
     "mrpc": _glue("mrpc", "MRPC", "train.tsv", "#1 String", "#2 String", label="Quality"),
     # CoLA has no header: source, label, annotation, sentence.
     "cola": _glue("cola", "CoLA", "train.tsv", "3", label="1", header=False),
     # IMDb has no dev split: its official test split serves as dev (as in most papers).
-    "imdb": TaskSpec(name="imdb", format="jsonl", train="imdb/train.jsonl.gz", dev="imdb/test.jsonl.gz",
-                     text_a="text", label="label"),
+    "imdb": TaskSpec(
+        name="imdb", format="jsonl", train="imdb/train.jsonl.gz", dev="imdb/test.jsonl.gz", text_a="text", label="label"
+    ),
     # Blitzer books reviews, 1,700/300 split; `sentence` holds title + "\n\t" + review, so real CSV quoting.
-    "amazon_books": TaskSpec(name="amazon_books", format="tsv", quoting="csv",
-                             train="amazon-books-blitzer/autoprompt_split/train.tsv.gz",
-                             dev="amazon-books-blitzer/autoprompt_split/dev.tsv", text_a="sentence", label="label"),
+    "amazon_books": TaskSpec(
+        name="amazon_books",
+        format="tsv",
+        quoting="csv",
+        train="amazon-books-blitzer/autoprompt_split/train.tsv.gz",
+        dev="amazon-books-blitzer/autoprompt_split/dev.tsv",
+        text_a="sentence",
+        label="label",
+    ),
     # GLUE STS-B (not in ../shared/data: a spec only). Regression on the 0-5 `score` column.
-    "stsb": TaskSpec(name="stsb", format="glue_tsv", train="glue/STS-B/train.tsv", dev="glue/STS-B/dev.tsv",
-                     text_a="sentence1", text_b="sentence2", label="score", labels=None),
+    "stsb": TaskSpec(
+        name="stsb",
+        format="glue_tsv",
+        train="glue/STS-B/train.tsv",
+        dev="glue/STS-B/dev.tsv",
+        text_a="sentence1",
+        text_b="sentence2",
+        label="score",
+        labels=None,
+    ),
 }
 _ALIASES = {"sst_2": "sst2", "sts_b": "stsb", "amazon": "amazon_books", "amazon_books_blitzer": "amazon_books"}
 
@@ -295,8 +326,9 @@ def load_split(task: TaskSpec, split: str, data_root: Path | None = None) -> Loa
                 rows = _csv_rows(f, delimiter) if csv_quoting else _plain_rows(f, delimiter)
                 _add_table(task, builder, rows)
     except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, zlib.error) as e:
-        raise UserError(f"{path}: cannot read as {task.encoding}{' gzip' if path.suffix == '.gz' else ''} "
-                        f"text: {e}") from None
+        raise UserError(
+            f"{path}: cannot read as {task.encoding}{' gzip' if path.suffix == '.gz' else ''} text: {e}"
+        ) from None
     except csv.Error as e:
         raise UserError(f"{path}: CSV error: {e}") from None
     return builder.result()

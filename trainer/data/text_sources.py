@@ -78,8 +78,9 @@ def open_text(path: Path, stats: SourceStats) -> io.TextIOWrapper:
     raw = _ByteCounter(open(path, "rb"), stats)
     binary = gzip.GzipFile(fileobj=io.BufferedReader(raw), mode="rb") if path.suffix == ".gz" else raw
     _current_stats[0] = stats
-    return io.TextIOWrapper(io.BufferedReader(binary) if binary is raw else binary,
-                            encoding="utf-8-sig", errors=_HANDLER_NAME, newline=None)
+    return io.TextIOWrapper(
+        io.BufferedReader(binary) if binary is raw else binary, encoding="utf-8-sig", errors=_HANDLER_NAME, newline=None
+    )
 
 
 def strip_gutenberg(lines: Iterable[str], path: Path, stats: SourceStats) -> Iterator[str]:
@@ -187,8 +188,7 @@ def _hf_texts(spec: SourceSpec) -> Iterator[str]:
             files = [str(p) for p in sorted(local.rglob("*")) if p.is_file()] if local.is_dir() else [name]
             kind = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv", "txt": "text"}
             ext = Path(files[0]).name.split(".")[1] if files else "txt"
-            ds = datasets.load_dataset(kind.get(ext, "text"), data_files=files, split=spec.hf_split,
-                                       streaming=True)
+            ds = datasets.load_dataset(kind.get(ext, "text"), data_files=files, split=spec.hf_split, streaming=True)
         else:
             ds = datasets.load_dataset(name, spec.hf_config, split=spec.hf_split, streaming=True)
     except Exception as e:  # datasets raises many types for unreachable hubs and bad names

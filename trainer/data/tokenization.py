@@ -90,5 +90,12 @@ def hf_tokenizer(tok: Tokenizer, max_length: int = 512):
     """Wrap as a transformers fast tokenizer, for `save_pretrained` next to exported models."""
     from transformers import BertTokenizerFast
 
-    return BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
-                             cls_token="[CLS]", mask_token="[MASK]", model_max_length=max_length)
+    return BertTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        mask_token="[MASK]",
+        model_max_length=max_length,
+    )

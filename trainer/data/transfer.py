@@ -41,7 +41,6 @@ class TransferSection:
     max_examples: int | None = None
 
 
-
 def split_into_sentences(text: str) -> list[str]:
     """Cut after ., ! or ? (and closing quotes) when the next word starts upper-case or with a digit."""
     cuts = [m.end() for m in SENTENCE_END.finditer(text)]
@@ -51,6 +50,7 @@ def split_into_sentences(text: str) -> list[str]:
 
 def transfer_examples(t: TransferSection) -> Iterator[tuple[str, int]]:
     """(text, gold label or -1) in a fixed order: the example id is the position in this stream."""
+
     def units(text: str, gold: int) -> Iterator[tuple[str, int]]:
         if t.strip_html:
             text = HTML_BREAK.sub(" ", text)
@@ -68,8 +68,13 @@ def transfer_examples(t: TransferSection) -> Iterator[tuple[str, int]]:
         if t.files or t.hf_dataset:
             from trainer.data.text_sources import SourceSpec, SourceStats, iter_pieces
 
-            spec = SourceSpec(files=[Path(f) for f in t.files], doc_mode=t.doc_mode, text_field=t.text_field,
-                              hf_dataset=t.hf_dataset, hf_split=t.hf_split)
+            spec = SourceSpec(
+                files=[Path(f) for f in t.files],
+                doc_mode=t.doc_mode,
+                text_field=t.text_field,
+                hf_dataset=t.hf_dataset,
+                hf_split=t.hf_split,
+            )
             current, buf = -1, []
             for doc, piece in iter_pieces(spec, SourceStats()):
                 if doc != current and buf:

@@ -38,7 +38,7 @@ def model_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
     else:  # ZeRO stage 0: the whole module is in the model-states file (tensors and plain containers only)
         state = torch.load(step_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
     prefix = "hf."
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def to_hf_dir(step_dir: Path, dest: Path) -> Path:

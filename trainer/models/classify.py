@@ -56,15 +56,18 @@ def hf_view(spec: Path) -> Iterator[Path]:
         except Exception as e:  # told to every rank first, so none waits forever for the directory
             shutil.rmtree(building, ignore_errors=True)
             failure = e
-            why = str(e) if isinstance(e, UserError) else \
-                f"{spec}: cannot convert the checkpoint beside it ({type(e).__name__}: {e})"
+            why = (
+                str(e)
+                if isinstance(e, UserError)
+                else f"{spec}: cannot convert the checkpoint beside it ({type(e).__name__}: {e})"
+            )
             message = [f"error: {why}"]
     if world > 1:
         dist.broadcast_object_list(message, src=0)
     if message[0].startswith("error: "):
         if failure is not None and not isinstance(failure, OSError):
             raise failure
-        raise UserError(message[0][len("error: "):])
+        raise UserError(message[0][len("error: ") :])
     dest = Path(message[0])
     try:
         yield dest
@@ -75,8 +78,9 @@ def hf_view(spec: Path) -> Iterator[Path]:
             shutil.rmtree(dest, ignore_errors=True)
 
 
-def load_classifier(name: str, num_labels: int, dropout: float | None = None, attention: str = "sdpa",
-                    vocab_size: int = 30522) -> BertForSequenceClassification:
+def load_classifier(
+    name: str, num_labels: int, dropout: float | None = None, attention: str = "sdpa", vocab_size: int = 30522
+) -> BertForSequenceClassification:
     """Fresh weights for a preset (basic training); pretrained encoder, new head, for anything else.
 
     Collective when `name` is a checkpoint (see `hf_view`)."""
@@ -111,20 +115,22 @@ class Classifier(nn.Module):
         else:
             loss = F.cross_entropy(logits, labels, reduction="sum")
             correct = (logits.detach().argmax(-1) == labels).sum()
-        return loss, {"correct": correct, "count": torch.tensor(float(len(labels)), device=logits.device),
-                      "tokens": attention_mask.sum()}
+        return loss, {
+            "correct": correct,
+            "count": torch.tensor(float(len(labels)), device=logits.device),
+            "tokens": attention_mask.sum(),
+        }
 
 
 @torch.no_grad()
-def predict(model: nn.Module, enc: Encoded, env: DistEnv, batch_size: int, pad_id: int,
-            forward=None) -> np.ndarray:
+def predict(model: nn.Module, enc: Encoded, env: DistEnv, batch_size: int, pad_id: int, forward=None) -> np.ndarray:
     """Logits for every example, in input order, with each example computed on exactly one rank.
 
     Batches (sorted by length) are dealt round-robin; ranks run the same number of forwards (ZeRO-3
     gathers weights collectively) and the results are all-gathered."""
     forward = forward or model.logits
     order = np.argsort(enc.lengths, kind="stable")
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     rounds = math.ceil(len(batches) / env.world_size)
     device = next(model.parameters()).device
     was_training = model.training

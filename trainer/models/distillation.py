@@ -58,8 +58,9 @@ def _flat_mask(mask: Tensor | None, rows_shape: torch.Size, what: str) -> Tensor
 # -------------------------------------------------------------------------- logit terms --------
 
 
-def kd_loss_sum(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
-                mask: Tensor | None = None) -> Tensor:
+def kd_loss_sum(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float, mask: Tensor | None = None
+) -> Tensor:
     """sum over kept rows of T^2 * KL(softmax(teacher/T) || softmax(student/T)) (Hinton et al.).
 
     The T^2 factor keeps the gradient's size independent of T: d/ds = T * (softmax(s/T) - softmax(t/T))
@@ -68,15 +69,18 @@ def kd_loss_sum(student_logits: Tensor, teacher_logits: Tensor, temperature: flo
     (float64 inputs stay float64).
     """
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"kd_loss_sum: student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} differ in shape")
+        raise ValueError(
+            f"kd_loss_sum: student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ in shape"
+        )
     mask = _flat_mask(mask, student_logits.shape[:-1], "kd_loss_sum")
     kl = dispatch.kl_div(student_logits, teacher_logits, temperature, reduction="sum", mask=mask)
     return kl * (temperature * temperature)
 
 
-def sparse_kd_loss_sum(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, temperature: float,
-                       mask: Tensor | None = None) -> Tensor:
+def sparse_kd_loss_sum(
+    student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, temperature: float, mask: Tensor | None = None
+) -> Tensor:
     """:func:`kd_loss_sum` against a stored top-k teacher (``wellread label`` soft labels).
 
     The teacher distribution at temperature T is ``softmax(topk_logprobs / T)`` over the k stored entries:
@@ -86,18 +90,28 @@ def sparse_kd_loss_sum(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: 
     logits by a per-row constant, which the softmax removes). The student side is its full softmax over V.
     """
     if topk_ids.shape != topk_logprobs.shape:
-        raise ValueError(f"sparse_kd_loss_sum: topk_ids {tuple(topk_ids.shape)} and topk_logprobs "
-                         f"{tuple(topk_logprobs.shape)} differ in shape")
+        raise ValueError(
+            f"sparse_kd_loss_sum: topk_ids {tuple(topk_ids.shape)} and topk_logprobs "
+            f"{tuple(topk_logprobs.shape)} differ in shape"
+        )
     if topk_ids.shape[:-1] != student_logits.shape[:-1]:
-        raise ValueError(f"sparse_kd_loss_sum: {tuple(topk_ids.shape[:-1])} top-k rows for "
-                         f"{tuple(student_logits.shape[:-1])} student rows")
+        raise ValueError(
+            f"sparse_kd_loss_sum: {tuple(topk_ids.shape[:-1])} top-k rows for "
+            f"{tuple(student_logits.shape[:-1])} student rows"
+        )
     mask = _flat_mask(mask, student_logits.shape[:-1], "sparse_kd_loss_sum")
     kl = dispatch.sparse_kl_div(student_logits, topk_ids, topk_logprobs, temperature, reduction="sum", mask=mask)
     return kl * (temperature * temperature)
 
 
-def linear_kd_loss_sum(hidden: Tensor, weight: Tensor, bias: Tensor | None, teacher: Teacher, temperature: float,
-                       mask: Tensor | None = None) -> Tensor:
+def linear_kd_loss_sum(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    teacher: Teacher,
+    temperature: float,
+    mask: Tensor | None = None,
+) -> Tensor:
     """:func:`kd_loss_sum` (or the sparse one) of student logits ``hidden @ weight.T + bias``, never materialised.
 
     For MLM distillation over a 30k vocabulary: ``kernels.dispatch.linear_kl_div`` walks row chunks and
@@ -126,7 +140,8 @@ def _check_width(student: Tensor, teacher: Tensor, what: str) -> None:
     if student.shape[-1] != teacher.shape[-1]:
         raise ValueError(
             f"{what}: student hidden size {student.shape[-1]} != teacher hidden size {teacher.shape[-1]}; "
-            f"project the student's states first (HiddenProjection({student.shape[-1]}, {teacher.shape[-1]}))")
+            f"project the student's states first (HiddenProjection({student.shape[-1]}, {teacher.shape[-1]}))"
+        )
 
 
 def _at_least_fp32(x: Tensor) -> Tensor:
@@ -142,8 +157,10 @@ def cosine_loss_sum(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor
     """
     _check_width(student_hidden, teacher_hidden, "cosine_loss_sum")
     if student_hidden.shape != teacher_hidden.shape:
-        raise ValueError(f"cosine_loss_sum: student states {tuple(student_hidden.shape)} and teacher states "
-                         f"{tuple(teacher_hidden.shape)} differ in shape")
+        raise ValueError(
+            f"cosine_loss_sum: student states {tuple(student_hidden.shape)} and teacher states "
+            f"{tuple(teacher_hidden.shape)} differ in shape"
+        )
     keep = _flat_mask(mask, student_hidden.shape[:-1], "cosine_loss_sum")
     cos = F.cosine_similarity(_at_least_fp32(student_hidden), _at_least_fp32(teacher_hidden.detach()), dim=-1)
     rows = 1.0 - cos
@@ -181,8 +198,7 @@ def _check_layers(teacher_layers: int, student_layers: int) -> None:
         raise ValueError(f"student layers must be in 1..{teacher_layers} (the teacher's depth), got {student_layers}")
 
 
-def pkd_layer_map(teacher_layers: int, student_layers: int, scheme: Literal["skip", "last"]
-                  ) -> list[tuple[int, int]]:
+def pkd_layer_map(teacher_layers: int, student_layers: int, scheme: Literal["skip", "last"]) -> list[tuple[int, int]]:
     """(student layer, teacher layer) pairs, 1-based as in the PKD paper, for student layers 1 .. L_s - 1.
 
     The last student layer is left out: the KD term on the logits covers it. ``skip``: teacher layer

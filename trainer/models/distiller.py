@@ -38,8 +38,14 @@ class ClassifierDistiller(nn.Module):
            + beta * sum over mapped layers of |cls_s / |cls_s| - cls_t / |cls_t||^2
     """
 
-    def __init__(self, hf: BertForSequenceClassification, temperature: float, alpha: float, beta: float = 0.0,
-                 student_layers: list[int] | None = None):
+    def __init__(
+        self,
+        hf: BertForSequenceClassification,
+        temperature: float,
+        alpha: float,
+        beta: float = 0.0,
+        student_layers: list[int] | None = None,
+    ):
         super().__init__()
         self.hf, self.t, self.alpha, self.beta = hf, temperature, alpha, beta
         self.student_layers = student_layers or []  # 1-based layers whose [CLS] meets the teacher's
@@ -47,21 +53,29 @@ class ClassifierDistiller(nn.Module):
     def logits(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
         return self.hf(input_ids=input_ids, attention_mask=_mask(attention_mask), token_type_ids=token_type_ids).logits
 
-    def forward(self, input_ids, attention_mask, token_type_ids, weight, teacher_logits, gold,
-                teacher_cls=None):
+    def forward(self, input_ids, attention_mask, token_type_ids, weight, teacher_logits, gold, teacher_cls=None):
         want_hidden = self.beta > 0
-        out = self.hf(input_ids=input_ids, attention_mask=_mask(attention_mask), token_type_ids=token_type_ids,
-                      output_hidden_states=want_hidden)
+        out = self.hf(
+            input_ids=input_ids,
+            attention_mask=_mask(attention_mask),
+            token_type_ids=token_type_ids,
+            output_hidden_states=want_hidden,
+        )
         logits = out.logits.float()
         keep = weight > 0
         kd = kd_loss_sum(logits, teacher_logits.float(), self.t, mask=keep)
         labeled = keep & (gold >= 0)
         ce = F.cross_entropy(logits, gold.clamp(min=0), reduction="none").mul(labeled).sum()
         loss = self.alpha * kd + (1 - self.alpha) * ce
-        stats = {"examples": weight.sum(), "kd": kd.detach(), "ce": ce.detach(), "labeled": labeled.sum(),
-                 "correct": ((logits.detach().argmax(-1) == gold) & labeled).sum(),
-                 "agree": ((logits.detach().argmax(-1) == teacher_logits.argmax(-1)) & keep).sum(),
-                 "tokens": (attention_mask * weight[:, None].long()).sum()}
+        stats = {
+            "examples": weight.sum(),
+            "kd": kd.detach(),
+            "ce": ce.detach(),
+            "labeled": labeled.sum(),
+            "correct": ((logits.detach().argmax(-1) == gold) & labeled).sum(),
+            "agree": ((logits.detach().argmax(-1) == teacher_logits.argmax(-1)) & keep).sum(),
+            "tokens": (attention_mask * weight[:, None].long()).sum(),
+        }
         if want_hidden:
             student_cls = [out.hidden_states[i][:, 0] * weight[:, None] for i in self.student_layers]
             teacher = [teacher_cls[:, j] * weight[:, None] for j in range(teacher_cls.shape[1])]
@@ -80,8 +94,15 @@ class MLMDistiller(nn.Module):
     (offline; sparse KL renormalised over the k entries). Student logits exist only at those positions.
     """
 
-    def __init__(self, hf: BertForMaskedLM, temperature: float, a_ce: float, a_mlm: float, a_cos: float,
-                 projection: HiddenProjection | None = None):
+    def __init__(
+        self,
+        hf: BertForMaskedLM,
+        temperature: float,
+        a_ce: float,
+        a_mlm: float,
+        a_cos: float,
+        projection: HiddenProjection | None = None,
+    ):
         super().__init__()
         self.hf, self.t, self.a_ce, self.a_mlm, self.a_cos = hf, temperature, a_ce, a_mlm, a_cos
         self.projection = projection
@@ -91,14 +112,26 @@ class MLMDistiller(nn.Module):
         p = self.hf.cls.predictions
         return F.linear(p.transform(hidden_rows), p.decoder.weight, p.bias).float()
 
-    def forward(self, input_ids, attention_mask, weight=None, kd_positions=None, mlm_positions=None, mlm_labels=None,
-                teacher_logits=None, topk_ids=None, topk_logprobs=None, teacher_hidden=None):
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        weight=None,
+        kd_positions=None,
+        mlm_positions=None,
+        mlm_labels=None,
+        teacher_logits=None,
+        topk_ids=None,
+        topk_logprobs=None,
+        teacher_hidden=None,
+    ):
         hidden = self.hf.bert(input_ids=input_ids, attention_mask=_mask(attention_mask)).last_hidden_state
         flat = hidden.reshape(-1, hidden.shape[-1])
         if weight is None:  # evaluation (trainer.stages.evaluate_mlm): plain masked-token loss and hits
             p = self.hf.cls.predictions
-            mlm, correct = mlm_loss_sum(p.transform(flat.index_select(0, mlm_positions)), p.decoder.weight, p.bias,
-                                        mlm_labels)
+            mlm, correct = mlm_loss_sum(
+                p.transform(flat.index_select(0, mlm_positions)), p.decoder.weight, p.bias, mlm_labels
+            )
             return mlm, {"correct": correct, "count": torch.tensor(mlm_labels.numel()), "tokens": attention_mask.sum()}
         student = self._vocab_logits(flat.index_select(0, kd_positions))
         keep = weight.repeat_interleave(attention_mask.shape[1])  # per flattened position
@@ -108,8 +141,12 @@ class MLMDistiller(nn.Module):
         else:
             kd = sparse_kd_loss_sum(student, topk_ids, topk_logprobs.float(), self.t, mask=kd_keep)
         loss = self.a_ce * kd
-        stats = {"examples": weight.sum(), "kd": kd.detach(), "kd_positions": kd_keep.sum(),
-                 "tokens": (attention_mask * weight[:, None].long()).sum()}
+        stats = {
+            "examples": weight.sum(),
+            "kd": kd.detach(),
+            "kd_positions": kd_keep.sum(),
+            "tokens": (attention_mask * weight[:, None].long()).sum(),
+        }
         if self.a_mlm > 0:
             p = self.hf.cls.predictions
             picked = p.transform(flat.index_select(0, mlm_positions))

@@ -23,8 +23,9 @@ from trainer.models.losses import mlm_loss_sum
 from trainer.models.zoo import bert_config, fresh_model, pretrained_model, resolve
 
 
-def build_mlm(name: str, vocab_size: int, dropout: float | None = None, max_position: int = 512,
-              attention: str = "sdpa") -> BertForMaskedLM:
+def build_mlm(
+    name: str, vocab_size: int, dropout: float | None = None, max_position: int = 512, attention: str = "sdpa"
+) -> BertForMaskedLM:
     """Fresh weights for a preset; pretrained weights (MLM head fresh if absent) for a local directory.
 
     Under `trainer.engine.partitioned_construction` (ZeRO-3) the model is partitioned as it is built; a fresh
@@ -59,16 +60,24 @@ class SparseMLM(nn.Module):
         self.hf = hf
         register_head(self, hf)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mlm_positions: torch.Tensor,
-                mlm_labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        mlm_positions: torch.Tensor,
+        mlm_labels: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         mask = None if bool(attention_mask.all()) else attention_mask  # unmasked SDPA takes the fast path
         hidden = self.hf.bert(input_ids=input_ids, attention_mask=mask).last_hidden_state
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, mlm_positions)
         predictions = self.hf.cls.predictions
         h = predictions.transform(picked)
         loss_sum, correct = mlm_loss_sum(h, predictions.decoder.weight, predictions.bias, mlm_labels)
-        return loss_sum, {"correct": correct, "count": torch.tensor(mlm_labels.numel(), device=loss_sum.device),
-                          "tokens": attention_mask.sum()}
+        return loss_sum, {
+            "correct": correct,
+            "count": torch.tensor(mlm_labels.numel(), device=loss_sum.device),
+            "tokens": attention_mask.sum(),
+        }
 
     @torch.no_grad()
     def full_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -78,8 +87,9 @@ class SparseMLM(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate_mlm(model, corpus: TokenShards, spec: MaskSpec, env: DistEnv, batch_size: int,
-                 max_sequences: int | None, seed: int) -> dict[str, float]:
+def evaluate_mlm(
+    model, corpus: TokenShards, spec: MaskSpec, env: DistEnv, batch_size: int, max_sequences: int | None, seed: int
+) -> dict[str, float]:
     """Masked-token loss and accuracy with fixed masks (seeded per example), so numbers compare across runs.
 
     Every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively); surplus slots are
@@ -106,5 +116,10 @@ def evaluate_mlm(model, corpus: TokenShards, spec: MaskSpec, env: DistEnv, batch
         model.train()
     loss, correct, count = all_reduce_sum([loss, correct, count])
     mean = loss / max(count, 1)
-    return {"loss": mean, "mlm_acc": correct / max(count, 1), "perplexity": math.exp(min(mean, 50)),
-            "masked_tokens": count, "sequences": float(n)}
+    return {
+        "loss": mean,
+        "mlm_acc": correct / max(count, 1),
+        "perplexity": math.exp(min(mean, 50)),
+        "masked_tokens": count,
+        "sequences": float(n),
+    }

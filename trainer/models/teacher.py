@@ -52,8 +52,10 @@ def teacher_dir(name: str, what: str) -> Path:
     if not isinstance(spec, Path):
         raise UserError(f"{what}: '{name}' is a preset (random weights); give a trained model directory")
     if not (spec / WEIGHTS).is_file():
-        raise UserError(f"{what}: {spec} has no {WEIGHTS}; the teacher must be an exported model directory "
-                        f"(config.json + {WEIGHTS})")
+        raise UserError(
+            f"{what}: {spec} has no {WEIGHTS}; the teacher must be an exported model directory "
+            f"(config.json + {WEIGHTS})"
+        )
     return spec
 
 
@@ -62,15 +64,19 @@ def teacher_fingerprint(model_dir: Path) -> dict[str, str]:
     weights = model_dir / WEIGHTS
     config = json.loads((model_dir / "config.json").read_text())
     config.pop("transformers_version", None)
-    return {"config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
-            "weights_sha256": sha256_file(weights), "path": str(model_dir)}
+    return {
+        "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
+        "weights_sha256": sha256_file(weights),
+        "path": str(model_dir),
+    }
 
 
 class Teacher:
     """A frozen teacher of one kind ("classification" or "mlm") on `device`, run under no_grad."""
 
-    def __init__(self, model_dir: Path, kind: str, device: torch.device | None = None,
-                 precision: torch.dtype = torch.float32):
+    def __init__(
+        self, model_dir: Path, kind: str, device: torch.device | None = None, precision: torch.dtype = torch.float32
+    ):
         import transformers
 
         if kind not in MODEL_CLASSES:
@@ -121,8 +127,9 @@ class Teacher:
             return self.model(**inputs, output_hidden_states=hidden_states)
 
     @torch.no_grad()
-    def classify(self, batch: dict[str, torch.Tensor], cls_layers: Sequence[int] = ()
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def classify(
+        self, batch: dict[str, torch.Tensor], cls_layers: Sequence[int] = ()
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits [B, C], and with `cls_layers` (1-based) the [CLS] vector after each of them [B, L, H]."""
         out = self.forward(batch, hidden_states=bool(cls_layers))
         logits = out.logits.float().cpu()

@@ -83,8 +83,9 @@ def resolve(name_or_path: str) -> Preset | Path:
     raise UserError(f"unknown model '{name_or_path}': not a preset ({known}) nor a local directory")
 
 
-def bert_config(name_or_path: str, vocab_size: int = DEFAULT_VOCAB_SIZE, max_position: int = 512,
-                dropout: float | None = None) -> BertConfig:
+def bert_config(
+    name_or_path: str, vocab_size: int = DEFAULT_VOCAB_SIZE, max_position: int = 512, dropout: float | None = None
+) -> BertConfig:
     """Config for a preset (fresh) or read from a local directory (dropout override only)."""
     spec = resolve(name_or_path)
     if isinstance(spec, Path):
@@ -130,8 +131,9 @@ def fresh_model(cls: type[PreTrainedModel], cfg: BertConfig, attention: str = "s
     return model
 
 
-def pretrained_model(cls: type[PreTrainedModel], path: Path, cfg: BertConfig, attention: str = "sdpa"
-                     ) -> PreTrainedModel:
+def pretrained_model(
+    cls: type[PreTrainedModel], path: Path, cfg: BertConfig, attention: str = "sdpa"
+) -> PreTrainedModel:
     """`cls.from_pretrained`; partitioned while it loads under ZeRO-3 (transformers gathers module by module)."""
     return cls.from_pretrained(path, config=cfg, attn_implementation=attention)
 
@@ -154,10 +156,17 @@ def grid_rows(vocab_size: int = DEFAULT_VOCAB_SIZE) -> list[dict[str, object]]:
     rows = []
     for name, preset in PRESETS.items():
         counts = parameter_counts(bert_config(name, vocab_size=vocab_size))
-        rows.append({
-            "name": name, "alias": reverse_alias.get(name, ""), "layers": preset.layers,
-            "hidden": preset.hidden, "heads": preset.heads, "ffn": preset.ffn, **counts,
-        })
+        rows.append(
+            {
+                "name": name,
+                "alias": reverse_alias.get(name, ""),
+                "layers": preset.layers,
+                "hidden": preset.hidden,
+                "heads": preset.heads,
+                "ffn": preset.ffn,
+                **counts,
+            }
+        )
     return rows
 
 
@@ -171,9 +180,13 @@ def main(args: argparse.Namespace) -> int:
 
 
 def format_grid(vocab_size: int = DEFAULT_VOCAB_SIZE) -> str:
-    lines = [f"{'name':<14} {'alias':<7} {'L':>3} {'H':>5} {'A':>3} {'FFN':>5} "
-             f"{'encoder':>9} {'published':>10}   (vocab {vocab_size}; published = +MLM head +NSP head)"]
+    lines = [
+        f"{'name':<14} {'alias':<7} {'L':>3} {'H':>5} {'A':>3} {'FFN':>5} "
+        f"{'encoder':>9} {'published':>10}   (vocab {vocab_size}; published = +MLM head +NSP head)"
+    ]
     for r in grid_rows(vocab_size):
-        lines.append(f"{r['name']:<14} {r['alias']:<7} {r['layers']:>3} {r['hidden']:>5} {r['heads']:>3} "
-                     f"{r['ffn']:>5} {r['encoder'] / 1e6:>8.1f}M {r['published'] / 1e6:>9.1f}M")
+        lines.append(
+            f"{r['name']:<14} {r['alias']:<7} {r['layers']:>3} {r['hidden']:>5} {r['heads']:>3} "
+            f"{r['ffn']:>5} {r['encoder'] / 1e6:>8.1f}M {r['published'] / 1e6:>9.1f}M"
+        )
     return "\n".join(lines)

@@ -48,9 +48,14 @@ def key_parts(node: Node, upstream: dict[str, str]) -> dict[str, Any]:
     missing = [str(p) for p in node.inputs if not p.is_file()]
     if missing:
         raise UserError(f"{node.id}: input file {missing[0]} not found")
-    return {"version": KEY_VERSION, "kind": node.kind, "recipe": node.recipe, "args": node.args,
-            "inputs": {str(p): file_sha256(p) for p in node.inputs},
-            "upstream": {d: upstream[d] for d in node.deps}}
+    return {
+        "version": KEY_VERSION,
+        "kind": node.kind,
+        "recipe": node.recipe,
+        "args": node.args,
+        "inputs": {str(p): file_sha256(p) for p in node.inputs},
+        "upstream": {d: upstream[d] for d in node.deps},
+    }
 
 
 def key_of(parts: dict[str, Any]) -> str:
@@ -174,21 +179,33 @@ def prepare(node: Node, st: Status) -> None:
     if out.exists() and not st.resume:
         owned = (out / STARTED).is_file() or (out / DONE).is_file()
         if not owned and any(out.iterdir()):
-            raise UserError(f"{out}: exists and was not made by `wellread pipeline`; remove it or choose another "
-                            "study.out_dir")
+            raise UserError(
+                f"{out}: exists and was not made by `wellread pipeline`; remove it or choose another study.out_dir"
+            )
         if owned:
             shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / STARTED, {"id": node.id, "key": st.key, "parts": st.parts, "pid": os.getpid()})
 
 
-def finish(node: Node, st: Status, seconds: float, command: list[str] | None, cpu_seconds: float = 0.0
-           ) -> dict[str, Any]:
+def finish(
+    node: Node, st: Status, seconds: float, command: list[str] | None, cpu_seconds: float = 0.0
+) -> dict[str, Any]:
     """Record a finished node (atomically, after its outputs exist); returns the marker."""
     digest, files = record_outputs(node)
-    marker = {"id": node.id, "kind": node.kind, "key": st.key, "parts": st.parts, "output_digest": digest,
-              "outputs": files, "seconds": round(seconds, 3), "cpu_seconds": round(cpu_seconds, 3),
-              "command": command, "meta": node.meta, "finished": _now()}
+    marker = {
+        "id": node.id,
+        "kind": node.kind,
+        "key": st.key,
+        "parts": st.parts,
+        "output_digest": digest,
+        "outputs": files,
+        "seconds": round(seconds, 3),
+        "cpu_seconds": round(cpu_seconds, 3),
+        "command": command,
+        "meta": node.meta,
+        "finished": _now(),
+    }
     atomic_write_json(node.out_dir / DONE, marker)
     return marker
 

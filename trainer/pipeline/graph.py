@@ -166,11 +166,31 @@ class _Builder:
             if not files:
                 continue
             out = self.root / name
-            args = [*map(str, expand(files, f"{self.where} (corpus)")), "--out", str(out), "--seq-len",
-                    str(c.seq_len), "--packing", c.packing, "--doc-mode", c.doc_mode, "--text-field", c.text_field,
-                    *(["--strip-gutenberg"] if c.strip_gutenberg else []), "--no-progress"]
-            self.add(Node(name, "preprocess", out, args=args, unkeyed_args=["--workers", str(c.workers)],
-                          inputs=expand(files, self.where)))
+            args = [
+                *map(str, expand(files, f"{self.where} (corpus)")),
+                "--out",
+                str(out),
+                "--seq-len",
+                str(c.seq_len),
+                "--packing",
+                c.packing,
+                "--doc-mode",
+                c.doc_mode,
+                "--text-field",
+                c.text_field,
+                *(["--strip-gutenberg"] if c.strip_gutenberg else []),
+                "--no-progress",
+            ]
+            self.add(
+                Node(
+                    name,
+                    "preprocess",
+                    out,
+                    args=args,
+                    unkeyed_args=["--workers", str(c.workers)],
+                    inputs=expand(files, self.where),
+                )
+            )
             deps.append(name)
             if name == "corpus":
                 train = str(out)
@@ -181,12 +201,25 @@ class _Builder:
     def pretrain(self, student: StudentSpec, corpus) -> Node:
         train, evaluation, deps, inputs = corpus
         out = self.root / "pretrain" / slug(student.name)
-        pipeline = {"data": {"train": train, **({"eval": evaluation} if evaluation else {})},
-                    "model": {"name": student.name}, "run": {"out_dir": str(out)}}
-        recipe = self.resolved("pretrain", merge(self.study.pretrain, student.pretrain, pipeline),
-                               f"pretrain, {student.name}")
-        return self.add(Node(f"pretrain/{slug(student.name)}", "pretrain", out, deps=list(deps), recipe=recipe,
-                             inputs=list(inputs), meta={"role": "pretrain", "student": student.name}))
+        pipeline = {
+            "data": {"train": train, **({"eval": evaluation} if evaluation else {})},
+            "model": {"name": student.name},
+            "run": {"out_dir": str(out)},
+        }
+        recipe = self.resolved(
+            "pretrain", merge(self.study.pretrain, student.pretrain, pipeline), f"pretrain, {student.name}"
+        )
+        return self.add(
+            Node(
+                f"pretrain/{slug(student.name)}",
+                "pretrain",
+                out,
+                deps=list(deps),
+                recipe=recipe,
+                inputs=list(inputs),
+                meta={"role": "pretrain", "student": student.name},
+            )
+        )
 
     # -- teacher and soft labels
     def teacher(self, size: int | None) -> tuple[str, list[str], list[Path]]:
@@ -201,10 +234,22 @@ class _Builder:
             files = [path / "config.json", path / "model.safetensors"]
             if "teacher-eval" not in self.nodes:
                 out = self.root / "teacher-eval"
-                self.add(Node("teacher-eval", "evaluate", out, args=self.evaluate_args(str(path), out),
-                              inputs=[*files, *self.task_inputs([self.s.eval_split])],
-                              meta={"role": "teacher", "label_size": None, "model": str(path),
-                                    "metrics_file": "metrics.json", "metrics_path": []}))
+                self.add(
+                    Node(
+                        "teacher-eval",
+                        "evaluate",
+                        out,
+                        args=self.evaluate_args(str(path), out),
+                        inputs=[*files, *self.task_inputs([self.s.eval_split])],
+                        meta={
+                            "role": "teacher",
+                            "label_size": None,
+                            "model": str(path),
+                            "metrics_file": "metrics.json",
+                            "metrics_path": [],
+                        },
+                    )
+                )
             return str(path), [], files
         node_id = "teacher" if not t.per_label_size else f"teacher/{size_tag(size)}"
         if node_id not in self.nodes:
@@ -214,11 +259,22 @@ class _Builder:
                 data["max_train_examples"] = size
             pipeline = {"data": data, "model": {"name": t.init}, "run": {"out_dir": str(out)}}
             recipe = self.resolved("finetune", merge(t.finetune, pipeline), "teacher.finetune")
-            self.add(Node(node_id, "finetune", out, recipe=recipe,
-                          inputs=self.task_inputs(["train", self.s.eval_split]),
-                          meta={"role": "teacher", "label_size": size if t.per_label_size else None,
-                                "model": str(out / "best"), "metrics_file": "best/wellread.json",
-                                "metrics_path": ["metrics"]}))
+            self.add(
+                Node(
+                    node_id,
+                    "finetune",
+                    out,
+                    recipe=recipe,
+                    inputs=self.task_inputs(["train", self.s.eval_split]),
+                    meta={
+                        "role": "teacher",
+                        "label_size": size if t.per_label_size else None,
+                        "model": str(out / "best"),
+                        "metrics_file": "best/wellread.json",
+                        "metrics_path": ["metrics"],
+                    },
+                )
+            )
         return str(self.root / node_id), [node_id], []
 
     def softlabels(self, size: int | None) -> tuple[str, str, list[str], list[Path]]:
@@ -230,18 +286,39 @@ class _Builder:
             transfer = to_dict(self.study.transfer)
             files = expand(transfer["files"], f"{self.where} (transfer)") if transfer["files"] else []
             if transfer.get("task"):
-                files += task_files(transfer["task"], [transfer["task_split"]], transfer.get("data_root"),
-                                    f"{self.where} (transfer)")
-            recipe = self.resolved("label", merge(self.study.label, {"teacher": teacher, "transfer": transfer,
-                                                                     "output": {"out_dir": str(out)}}), "label")
-            self.add(Node(node_id, "label", out, deps=list(deps), recipe=recipe, inputs=[*inputs, *files],
-                          meta={"role": "softlabels"}))
+                files += task_files(
+                    transfer["task"], [transfer["task_split"]], transfer.get("data_root"), f"{self.where} (transfer)"
+                )
+            recipe = self.resolved(
+                "label",
+                merge(self.study.label, {"teacher": teacher, "transfer": transfer, "output": {"out_dir": str(out)}}),
+                "label",
+            )
+            self.add(
+                Node(
+                    node_id,
+                    "label",
+                    out,
+                    deps=list(deps),
+                    recipe=recipe,
+                    inputs=[*inputs, *files],
+                    meta={"role": "softlabels"},
+                )
+            )
         return str(out), teacher, [*deps, node_id], inputs
 
     # -- the final stage of each method
     def evaluate_args(self, model: str, out: Path) -> list[str]:
-        args = ["--model", model, "--task", self.s.task, "--split", self.s.eval_split,
-                "--out", str(out / "metrics.json")]
+        args = [
+            "--model",
+            model,
+            "--task",
+            self.s.task,
+            "--split",
+            self.s.eval_split,
+            "--out",
+            str(out / "metrics.json"),
+        ]
         if self.s.data_root:
             args += ["--data-root", self.s.data_root]
         max_len = merge(self.study.finetune).get("data", {}).get("max_seq_len")
@@ -249,58 +326,125 @@ class _Builder:
 
     def cell(self, node: Node, cell: dict[str, Any]) -> Node:
         """Register a final-stage run; returns the node whose outputs hold its score."""
-        node.meta = {"role": "run", **cell, "model": str(node.out_dir / "export"),
-                     "metrics_file": "export/wellread.json", "metrics_path": ["metrics"]}
+        node.meta = {
+            "role": "run",
+            **cell,
+            "model": str(node.out_dir / "export"),
+            "metrics_file": "export/wellread.json",
+            "metrics_path": ["metrics"],
+        }
         self.add(node)
         score = node
         if self.s.evaluation == "command":
             out = self.root / "eval" / node.id
-            score = self.add(Node(f"eval/{node.id}", "evaluate", out, deps=[node.id],
-                                  args=self.evaluate_args(str(node.out_dir / "export"), out),
-                                  inputs=self.task_inputs([self.s.eval_split]),
-                                  meta={"role": "score", "run": node.id, "metrics_file": "metrics.json",
-                                        "metrics_path": []}))
+            score = self.add(
+                Node(
+                    f"eval/{node.id}",
+                    "evaluate",
+                    out,
+                    deps=[node.id],
+                    args=self.evaluate_args(str(node.out_dir / "export"), out),
+                    inputs=self.task_inputs([self.s.eval_split]),
+                    meta={"role": "score", "run": node.id, "metrics_file": "metrics.json", "metrics_path": []},
+                )
+            )
         self.cells.append({**cell, "run": node.id, "score": score.id})
         return score
 
     def lrs(self) -> list[float | None]:
         return list(self.study.search.lr) or [None]
 
-    def finetune_run(self, method: str, student: StudentSpec, size: int | None, seed: int, lr: float | None,
-                     init: str, deps: list[str], inputs: list[Path]) -> Node:
+    def finetune_run(
+        self,
+        method: str,
+        student: StudentSpec,
+        size: int | None,
+        seed: int,
+        lr: float | None,
+        init: str,
+        deps: list[str],
+        inputs: list[Path],
+    ) -> Node:
         for section, layer in (("finetune", self.study.finetune), (f"{student.name}: finetune", student.finetune)):
             if (layer.get("data") or {}).get("max_train_examples") is not None:
-                raise UserError(f"{self.where}: {section}.data.max_train_examples: the labeled-data size of the "
-                                "students is study.label_sizes")
+                raise UserError(
+                    f"{self.where}: {section}.data.max_train_examples: the labeled-data size of the "
+                    "students is study.label_sizes"
+                )
         run_id = f"runs/{method}/{slug(student.name)}/{size_tag(size)}/s{seed}/{lr_tag(lr)}"
         out = self.root / run_id
-        pipeline = {"data": {"task": self.s.task, "data_root": self.s.data_root, "eval_split": self.s.eval_split,
-                             "max_train_examples": size},
-                    "model": {"name": init}, "train": {"seed": seed, **({"lr": lr} if lr is not None else {})},
-                    "run": {"out_dir": str(out)}}
-        recipe = self.resolved("finetune", merge(self.study.finetune, student.finetune, pipeline),
-                               f"finetune, {method} {student.name}")
-        node = Node(run_id, "finetune", out, deps=list(deps), recipe=recipe,
-                    inputs=[*inputs, *self.task_inputs(["train", self.s.eval_split])])
-        return self.cell(node, {"method": method, "student": student.name, "label_size": size,
-                                "seed": seed, "lr": recipe["train"]["lr"]})
+        pipeline = {
+            "data": {
+                "task": self.s.task,
+                "data_root": self.s.data_root,
+                "eval_split": self.s.eval_split,
+                "max_train_examples": size,
+            },
+            "model": {"name": init},
+            "train": {"seed": seed, **({"lr": lr} if lr is not None else {})},
+            "run": {"out_dir": str(out)},
+        }
+        recipe = self.resolved(
+            "finetune", merge(self.study.finetune, student.finetune, pipeline), f"finetune, {method} {student.name}"
+        )
+        node = Node(
+            run_id,
+            "finetune",
+            out,
+            deps=list(deps),
+            recipe=recipe,
+            inputs=[*inputs, *self.task_inputs(["train", self.s.eval_split])],
+        )
+        return self.cell(
+            node,
+            {"method": method, "student": student.name, "label_size": size, "seed": seed, "lr": recipe["train"]["lr"]},
+        )
 
-    def distill_run(self, method: str, student_name: str, overrides: list[dict[str, Any]], size: int | None,
-                    seed: int, lr: float | None, init: str, store: str, deps: list[str], inputs: list[Path],
-                    extra: dict[str, Any] | None = None) -> Node:
+    def distill_run(
+        self,
+        method: str,
+        student_name: str,
+        overrides: list[dict[str, Any]],
+        size: int | None,
+        seed: int,
+        lr: float | None,
+        init: str,
+        store: str,
+        deps: list[str],
+        inputs: list[Path],
+        extra: dict[str, Any] | None = None,
+    ) -> Node:
         run_id = f"runs/{method}/{slug(student_name)}/{size_tag(size)}/s{seed}/{lr_tag(lr)}"
         out = self.root / run_id
-        pipeline = merge(extra or {}, {
-            "data": {"store": store, "eval_task": self.s.task, "data_root": self.s.data_root,
-                     "eval_split": self.s.eval_split},
-            "model": {"name": init}, "train": {"seed": seed, **({"lr": lr} if lr is not None else {})},
-            "run": {"out_dir": str(out)}})
-        recipe = self.resolved("distill", merge(self.study.distill, *overrides, pipeline),
-                               f"distill, {method} {student_name}")
-        node = Node(run_id, "distill", out, deps=list(deps), recipe=recipe,
-                    inputs=[*inputs, *self.task_inputs([self.s.eval_split])])
-        return self.cell(node, {"method": method, "student": student_name, "label_size": size, "seed": seed,
-                                "lr": recipe["train"]["lr"]})
+        pipeline = merge(
+            extra or {},
+            {
+                "data": {
+                    "store": store,
+                    "eval_task": self.s.task,
+                    "data_root": self.s.data_root,
+                    "eval_split": self.s.eval_split,
+                },
+                "model": {"name": init},
+                "train": {"seed": seed, **({"lr": lr} if lr is not None else {})},
+                "run": {"out_dir": str(out)},
+            },
+        )
+        recipe = self.resolved(
+            "distill", merge(self.study.distill, *overrides, pipeline), f"distill, {method} {student_name}"
+        )
+        node = Node(
+            run_id,
+            "distill",
+            out,
+            deps=list(deps),
+            recipe=recipe,
+            inputs=[*inputs, *self.task_inputs([self.s.eval_split])],
+        )
+        return self.cell(
+            node,
+            {"method": method, "student": student_name, "label_size": size, "seed": seed, "lr": recipe["train"]["lr"]},
+        )
 
     def select(self, student: StudentSpec, size: int | None, pd_scores: dict[tuple[int, float | None], Node]) -> Node:
         """pd_ft fine-tunes, per seed, the pd run at the learning rate with the best mean over seeds."""
@@ -308,13 +452,26 @@ class _Builder:
         candidates = []
         for (seed, _), score in pd_scores.items():
             run = self.nodes[score.meta.get("run", score.id)]
-            candidates.append({"seed": seed, "lr": run.meta["lr"], "run": run.id,
-                               "model": str(run.out_dir / "export"),
-                               "metrics": str(score.out_dir / score.meta["metrics_file"]),
-                               "metrics_path": score.meta["metrics_path"]})
-        return self.add(Node(node_id, "select", self.root / node_id, deps=[s.id for s in pd_scores.values()],
-                             recipe={"metric": self.metric, "candidates": candidates},
-                             meta={"role": "select", "method": "pd", "student": student.name, "label_size": size}))
+            candidates.append(
+                {
+                    "seed": seed,
+                    "lr": run.meta["lr"],
+                    "run": run.id,
+                    "model": str(run.out_dir / "export"),
+                    "metrics": str(score.out_dir / score.meta["metrics_file"]),
+                    "metrics_path": score.meta["metrics_path"],
+                }
+            )
+        return self.add(
+            Node(
+                node_id,
+                "select",
+                self.root / node_id,
+                deps=[s.id for s in pd_scores.values()],
+                recipe={"metric": self.metric, "candidates": candidates},
+                meta={"role": "select", "method": "pd", "student": student.name, "label_size": size},
+            )
+        )
 
     # -- the whole study
     def build(self) -> Graph:
@@ -350,8 +507,9 @@ class _Builder:
                     init, deps = (st.name, []) if method == "kd" else (str(pre.out_dir / "export"), [pre.id])
                     for seed in seeds:
                         for lr in self.lrs():
-                            score = self.distill_run(method, st.name, [st.distill], ts, seed, lr, init, store,
-                                                     [*store_deps, *deps], inputs)
+                            score = self.distill_run(
+                                method, st.name, [st.distill], ts, seed, lr, init, store, [*store_deps, *deps], inputs
+                            )
                             if method == "pd":
                                 pd_scores[(seed, lr)] = score
                 if "pd_ft" in methods:
@@ -360,8 +518,9 @@ class _Builder:
                     for size in ft_sizes:
                         for seed in seeds:
                             for lr in self.lrs():
-                                self.finetune_run("pd_ft", st, size, seed, lr, str(sel.out_dir / f"s{seed}"),
-                                                  [sel.id], [])
+                                self.finetune_run(
+                                    "pd_ft", st, size, seed, lr, str(sel.out_dir / f"s{seed}"), [sel.id], []
+                                )
         if "pkd" in methods:
             self.pkd(teacher_sizes, seeds)
         return Graph(self.nodes, self.root, self.s.task, self.metric, list(self.s.launcher), self.plan_record())
@@ -375,19 +534,47 @@ class _Builder:
             out = self.root / init_id
             args = ["--teacher", teacher, "--out", str(out / "model"), *(["--layers", layers] if layers else [])]
             teacher_deps = [d for d in store_deps if not d.startswith("softlabels")]
-            self.add(Node(init_id, "init-student", out, deps=teacher_deps, args=args, inputs=list(inputs),
-                          meta={"role": "init"}))
+            self.add(
+                Node(
+                    init_id,
+                    "init-student",
+                    out,
+                    deps=teacher_deps,
+                    args=args,
+                    inputs=list(inputs),
+                    meta={"role": "init"},
+                )
+            )
             for seed in seeds:
                 for lr in self.lrs():
-                    self.distill_run("pkd", name, [self.study.pkd.distill], ts, seed, lr, str(out / "model"), store,
-                                     [*store_deps, init_id], inputs, extra={"teacher": {"model": teacher}})
+                    self.distill_run(
+                        "pkd",
+                        name,
+                        [self.study.pkd.distill],
+                        ts,
+                        seed,
+                        lr,
+                        str(out / "model"),
+                        store,
+                        [*store_deps, init_id],
+                        inputs,
+                        extra={"teacher": {"model": teacher}},
+                    )
 
     def plan_record(self) -> dict[str, Any]:
         students = [st.name for st in self.students]
         students += sorted({c["student"] for c in self.cells} - set(students))
-        return {"study": to_dict(self.study), "task": self.s.task, "metric": self.metric, "students": students,
-                "methods": list(self.s.methods), "label_sizes": list(self.s.label_sizes), "seeds": list(self.s.seeds),
-                "lrs": self.lrs(), "cells": self.cells}
+        return {
+            "study": to_dict(self.study),
+            "task": self.s.task,
+            "metric": self.metric,
+            "students": students,
+            "methods": list(self.s.methods),
+            "label_sizes": list(self.s.label_sizes),
+            "seeds": list(self.s.seeds),
+            "lrs": self.lrs(),
+            "cells": self.cells,
+        }
 
 
 def build_graph(study: StudyRecipe, students: list[StudentSpec], where: str) -> Graph:

@@ -59,32 +59,55 @@ def collect(study_dir: Path) -> dict[str, Any]:
         if n["meta"].get("role") == "teacher":
             got = value(n["id"])
             if got is not None:
-                teachers.append({"label_size": n["meta"].get("label_size"), "value": got[0],
-                                 "model": n["meta"].get("model"), "dir": n["out_dir"]})
+                teachers.append(
+                    {
+                        "label_size": n["meta"].get("label_size"),
+                        "value": got[0],
+                        "model": n["meta"].get("model"),
+                        "dir": n["out_dir"],
+                    }
+                )
     groups: dict[tuple[str, str, int | None], dict[float, dict[int, tuple[float, str]]]] = {}
     for c in plan["cells"]:
         got = value(c["score"])
         groups.setdefault((c["method"], c["student"], c["label_size"]), {}).setdefault(c["lr"], {})
         if got is not None:
-            groups[(c["method"], c["student"], c["label_size"])][c["lr"]][c["seed"]] = (got[0],
-                                                                                       nodes[c["run"]]["out_dir"])
+            groups[(c["method"], c["student"], c["label_size"])][c["lr"]][c["seed"]] = (
+                got[0],
+                nodes[c["run"]]["out_dir"],
+            )
     rows = []
     seeds_planned = len(plan["seeds"])
     for (method, student, size), by_lr in groups.items():
         scored = {lr: {s: v for s, (v, _) in runs.items()} for lr, runs in by_lr.items() if runs}
-        row: dict[str, Any] = {"method": method, "student": student, "label_size": size,
-                               "uses_gold_labels": method in GOLD, "seeds_planned": seeds_planned,
-                               "lrs_planned": len(by_lr)}
+        row: dict[str, Any] = {
+            "method": method,
+            "student": student,
+            "label_size": size,
+            "uses_gold_labels": method in GOLD,
+            "seeds_planned": seeds_planned,
+            "lrs_planned": len(by_lr),
+        }
         if scored:
             lr = choose_lr(scored)
             mean, std = spread(list(scored[lr].values()))
-            row.update(lr=lr, n=len(scored[lr]), mean=mean, std=std,
-                       seeds={str(s): {"value": v, "run_dir": d} for s, (v, d) in sorted(by_lr[lr].items())},
-                       lr_grid={f"{k:g}": {"n": len(v), "mean": spread(list(v.values()))[0],
-                                           "std": spread(list(v.values()))[1],
-                                           "values": {str(s): x for s, x in sorted(v.items())}}
-                                for k, v in scored.items()},
-                       complete=len(scored[lr]) == seeds_planned and len(scored) == len(by_lr))
+            row.update(
+                lr=lr,
+                n=len(scored[lr]),
+                mean=mean,
+                std=std,
+                seeds={str(s): {"value": v, "run_dir": d} for s, (v, d) in sorted(by_lr[lr].items())},
+                lr_grid={
+                    f"{k:g}": {
+                        "n": len(v),
+                        "mean": spread(list(v.values()))[0],
+                        "std": spread(list(v.values()))[1],
+                        "values": {str(s): x for s, x in sorted(v.items())},
+                    }
+                    for k, v in scored.items()
+                },
+                complete=len(scored[lr]) == seeds_planned and len(scored) == len(by_lr),
+            )
         else:
             row.update(lr=None, n=0, mean=None, std=None, seeds={}, lr_grid={}, complete=False)
         rows.append(row)
@@ -92,17 +115,38 @@ def collect(study_dir: Path) -> dict[str, Any]:
     for n in plan["nodes"]:
         marker = _finished(Path(n["out_dir"]))
         if marker is not None:
-            stages.append({"id": n["id"], "kind": n["kind"], "seconds": marker.get("seconds"),
-                           "cpu_seconds": marker.get("cpu_seconds"), "finished": marker.get("finished")})
+            stages.append(
+                {
+                    "id": n["id"],
+                    "kind": n["kind"],
+                    "seconds": marker.get("seconds"),
+                    "cpu_seconds": marker.get("cpu_seconds"),
+                    "finished": marker.get("finished"),
+                }
+            )
     by_kind: dict[str, float] = {}
     for s in stages:
         by_kind[s["kind"]] = by_kind.get(s["kind"], 0.0) + float(s["seconds"] or 0.0)
-    return {"study_dir": str(study_dir), "recipe": plan.get("recipe"), "task": plan["task"], "metric": metric,
-            "split": plan["study"]["study"]["eval_split"], "methods": plan["methods"], "students": plan["students"],
-            "label_sizes": plan["label_sizes"], "seeds": plan["seeds"], "lrs": plan["lrs"],
-            "teacher_per_label_size": per_teacher, "teacher": teachers, "rows": rows, "stages": stages,
-            "seconds_by_kind": by_kind, "seconds_total": sum(by_kind.values()),
-            "stages_planned": len(plan["nodes"]), "stages_finished": len(stages)}
+    return {
+        "study_dir": str(study_dir),
+        "recipe": plan.get("recipe"),
+        "task": plan["task"],
+        "metric": metric,
+        "split": plan["study"]["study"]["eval_split"],
+        "methods": plan["methods"],
+        "students": plan["students"],
+        "label_sizes": plan["label_sizes"],
+        "seeds": plan["seeds"],
+        "lrs": plan["lrs"],
+        "teacher_per_label_size": per_teacher,
+        "teacher": teachers,
+        "rows": rows,
+        "stages": stages,
+        "seconds_by_kind": by_kind,
+        "seconds_total": sum(by_kind.values()),
+        "stages_planned": len(plan["nodes"]),
+        "stages_finished": len(stages),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- render
@@ -145,9 +189,12 @@ def tables(results: dict[str, Any]) -> str:
         head = f"labels: {size_label(size)}"
         if teacher is not None:
             head += f"; teacher {pct(teacher['value'])}"
-        lines += [f"{results['task']} {results['split']} {results['metric']} x100 ({head})", "",
-                  "| student | " + " | ".join(METHOD_LABELS.get(m, m) for m in methods) + " |",
-                  "| --- |" + " --- |" * len(methods)]
+        lines += [
+            f"{results['task']} {results['split']} {results['metric']} x100 ({head})",
+            "",
+            "| student | " + " | ".join(METHOD_LABELS.get(m, m) for m in methods) + " |",
+            "| --- |" + " --- |" * len(methods),
+        ]
         rows = block_rows(results, size)
         for student in results["students"]:
             mine = {r["method"]: r for r in rows if r["student"] == student}
@@ -161,30 +208,50 @@ def markdown(results: dict[str, Any], png_name: str) -> str:
     if results["lrs"] == [None]:
         search = "at each method's learning rate from the recipe (no search)"
     else:
-        search = (f"at the learning rate with the best mean on {results['split']} (searched: "
-                  f"{', '.join(f'{lr:g}' for lr in results['lrs'])}; chosen on the split it is reported on, as in "
-                  "the paper's dev results)")
-    lines = [f"# Results of {results['study_dir']}", "",
-             f"Recipe `{results['recipe']}`. Task {results['task']}, {results['metric']} on {results['split']} (x100): "
-             f"mean ± sample standard deviation over seeds, each seed's value in brackets, {search}. "
-             "Labels: the number of labeled training examples (all = the whole train split). KD, PD and PKD train "
-             f"on the teacher's soft labels only: with one teacher for all label sizes they are the same runs in every "
-             f"table. {results['stages_finished']} of {results['stages_planned']} stages finished.", "",
-             tables(results), "", f"![results]({png_name})", "", "## Runs", "",
-             "| method | student | labels | lr | seed | value | run |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        search = (
+            f"at the learning rate with the best mean on {results['split']} (searched: "
+            f"{', '.join(f'{lr:g}' for lr in results['lrs'])}; chosen on the split it is reported on, as in "
+            "the paper's dev results)"
+        )
+    lines = [
+        f"# Results of {results['study_dir']}",
+        "",
+        f"Recipe `{results['recipe']}`. Task {results['task']}, {results['metric']} on {results['split']} (x100): "
+        f"mean ± sample standard deviation over seeds, each seed's value in brackets, {search}. "
+        "Labels: the number of labeled training examples (all = the whole train split). KD, PD and PKD train "
+        f"on the teacher's soft labels only: with one teacher for all label sizes they are the same runs in every "
+        f"table. {results['stages_finished']} of {results['stages_planned']} stages finished.",
+        "",
+        tables(results),
+        "",
+        f"![results]({png_name})",
+        "",
+        "## Runs",
+        "",
+        "| method | student | labels | lr | seed | value | run |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in results["rows"]:
         name = METHOD_LABELS.get(r["method"], r["method"])
         for seed, s in r["seeds"].items():
-            lines.append(f"| {name} | {r['student']} | {size_label(r['label_size'])} | {r['lr']:g} | {seed} | "
-                         f"{pct(s['value'])} | `{s['run_dir']}` |")
-    lines += ["", "Every learning rate (mean over finished seeds):", "",
-              "| method | student | labels | " + " | ".join(r for r in _all_lrs(results)) + " |",
-              "| --- | --- | --- |" + " --- |" * len(_all_lrs(results))]
+            lines.append(
+                f"| {name} | {r['student']} | {size_label(r['label_size'])} | {r['lr']:g} | {seed} | "
+                f"{pct(s['value'])} | `{s['run_dir']}` |"
+            )
+    lines += [
+        "",
+        "Every learning rate (mean over finished seeds):",
+        "",
+        "| method | student | labels | " + " | ".join(r for r in _all_lrs(results)) + " |",
+        "| --- | --- | --- |" + " --- |" * len(_all_lrs(results)),
+    ]
     for r in results["rows"]:
         grid = r["lr_grid"]
         means = [f"{pct(grid[k]['mean'])} (n={grid[k]['n']})" if k in grid else "-" for k in _all_lrs(results)]
-        lines.append(f"| {METHOD_LABELS.get(r['method'], r['method'])} | {r['student']} | "
-                     f"{size_label(r['label_size'])} | " + " | ".join(means) + " |")
+        lines.append(
+            f"| {METHOD_LABELS.get(r['method'], r['method'])} | {r['student']} | "
+            f"{size_label(r['label_size'])} | " + " | ".join(means) + " |"
+        )
     for t in results["teacher"]:
         lines += ["", f"Teacher ({size_label(t['label_size'])} labels): {pct(t['value'])}, `{t['model']}`"]
     lines += ["", "## Wall-clock per stage", "", "| kind | stages | total |", "| --- | --- | --- |"]
@@ -193,8 +260,11 @@ def markdown(results: dict[str, Any], png_name: str) -> str:
         lines.append(f"| {kind} | {count} | {_fmt_seconds(secs)} |")
     lines.append(f"| all | {len(results['stages'])} | {_fmt_seconds(results['seconds_total'])} |")
     lines += ["", "| stage | kind | wall | CPU (all its processes) |", "| --- | --- | --- | --- |"]
-    lines += [f"| {s['id']} | {s['kind']} | {_fmt_seconds(s['seconds'] or 0)} | "
-              f"{_fmt_seconds(s['cpu_seconds']) if s.get('cpu_seconds') else '-'} |" for s in results["stages"]]
+    lines += [
+        f"| {s['id']} | {s['kind']} | {_fmt_seconds(s['seconds'] or 0)} | "
+        f"{_fmt_seconds(s['cpu_seconds']) if s.get('cpu_seconds') else '-'} |"
+        for s in results["stages"]
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -227,9 +297,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sizes, methods = results["label_sizes"], results["methods"]
-    fig, axes = plt.subplots(1, len(sizes), figsize=(max(5.0, 1.6 + 1.3 * len(results["students"]) *
-                                                          max(1, len(methods)) / 2) * len(sizes) ** 0.8, 4.2),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1,
+        len(sizes),
+        figsize=(max(5.0, 1.6 + 1.3 * len(results["students"]) * max(1, len(methods)) / 2) * len(sizes) ** 0.8, 4.2),
+        squeeze=False,
+    )
     colors = plt.get_cmap("tab10")
     width = 0.8 / max(1, len(methods))
     for ax, size in zip(axes[0], sizes):
@@ -244,16 +317,24 @@ def plot(results: dict[str, Any], path: Path) -> None:
                     continue
                 x = i + (j - (len(methods) - 1) / 2) * width
                 name = METHOD_LABELS.get(method, method)
-                ax.bar(x, 100 * r["mean"], width * 0.9, yerr=100 * r["std"] if r["std"] else None, capsize=3,
-                       color=colors(j), label=None if name in labeled else name)
+                ax.bar(
+                    x,
+                    100 * r["mean"],
+                    width * 0.9,
+                    yerr=100 * r["std"] if r["std"] else None,
+                    capsize=3,
+                    color=colors(j),
+                    label=None if name in labeled else name,
+                )
                 labeled.add(name)
                 seeds = [100 * s["value"] for s in r["seeds"].values()]
                 ax.scatter([x] * len(seeds), seeds, s=8, color="black", zorder=3)
                 values += seeds
         teacher = teacher_for(results, size)
         if teacher is not None:
-            ax.axhline(100 * teacher["value"], color="gray", linestyle="--",
-                       label=f"teacher {100 * teacher['value']:.1f}")
+            ax.axhline(
+                100 * teacher["value"], color="gray", linestyle="--", label=f"teacher {100 * teacher['value']:.1f}"
+            )
             values.append(100 * teacher["value"])
         if values:
             ax.set_ylim(max(0.0, min(values) - 5), min(100.0, max(values) + 3))
@@ -282,8 +363,9 @@ def write_report(study_dir: Path) -> ReportPaths:
     """(Re)build results.json, results.md and results.png of a study directory from its finished runs."""
     study_dir = Path(study_dir)
     results = collect(study_dir)
-    paths = ReportPaths(study_dir / "results.md", study_dir / "results.json", study_dir / "results.png",
-                        tables(results))
+    paths = ReportPaths(
+        study_dir / "results.md", study_dir / "results.json", study_dir / "results.png", tables(results)
+    )
     atomic_write_json(paths.json, results)
     plot(results, paths.png)
     atomic_write_bytes(paths.md, markdown(results, paths.png.name).encode())

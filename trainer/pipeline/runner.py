@@ -65,8 +65,10 @@ def print_plan(graph: Graph, rows: list, stream: TextIO) -> None:
     width = min(72, max(len(n.id) for n, _, _ in rows))
     for node, st, reason in rows:
         state = "cached" if st is not None and st.cached else "run"
-        print(f"  {state:<6}  {node.id:<{width}}  {node.kind:<12}  {'' if state == 'cached' else reason}".rstrip(),
-              file=stream)
+        print(
+            f"  {state:<6}  {node.id:<{width}}  {node.kind:<12}  {'' if state == 'cached' else reason}".rstrip(),
+            file=stream,
+        )
     to_run = sum(1 for _, st, _ in rows if st is None or not st.cached)
     print(f"{len(rows)} stages: {to_run} to run, {len(rows) - to_run} cached", file=stream)
 
@@ -83,8 +85,7 @@ class Clock:
         if previous and previous.get("seconds") is not None:
             return float(previous["seconds"])
         student = node.meta.get("student")
-        for match in (lambda k, s: k == node.kind and s == student, lambda k, s: k == node.kind,
-                      lambda k, s: True):
+        for match in (lambda k, s: k == node.kind and s == student, lambda k, s: k == node.kind, lambda k, s: True):
             times = [t for k, s, t in self.done if match(k, s)]
             if times:
                 return sum(times) / len(times)
@@ -121,8 +122,11 @@ class LocalRunner:
         log = node.out_dir / LOG
         rc = self.call(cmd, log)
         if self.signum is not None:
-            raise Stopped(f"stopped by {signal.Signals(self.signum).name} during {node.id} (the stage was told to "
-                          f"checkpoint; log {log}); run the same command again to continue", self.signum)
+            raise Stopped(
+                f"stopped by {signal.Signals(self.signum).name} during {node.id} (the stage was told to "
+                f"checkpoint; log {log}); run the same command again to continue",
+                self.signum,
+            )
         if rc != 0:
             print(tail(log), file=sys.stderr)
             raise StageFailed(f"stage {node.id} failed (exit {rc}); command: {' '.join(cmd)}; log: {log}")
@@ -153,9 +157,13 @@ def tail(path: Path, lines: int = 25) -> str:
 
 def write_plan_record(graph: Graph, recipe_path: str) -> None:
     graph.out_dir.mkdir(parents=True, exist_ok=True)
-    record = {"recipe": recipe_path, **graph.plan,
-              "nodes": [{"id": n.id, "kind": n.kind, "out_dir": str(n.out_dir), "deps": n.deps, "meta": n.meta}
-                        for n in graph]}
+    record = {
+        "recipe": recipe_path,
+        **graph.plan,
+        "nodes": [
+            {"id": n.id, "kind": n.kind, "out_dir": str(n.out_dir), "deps": n.deps, "meta": n.meta} for n in graph
+        ],
+    }
     atomic_write_json(graph.out_dir / PLAN, record)
     atomic_write_bytes(graph.out_dir / "study.yaml", dump_yaml_dict(graph.plan["study"]).encode())
 
@@ -179,33 +187,52 @@ def run_graph(graph: Graph, recipe_path: str, dry_run: bool = False, stream: Tex
         ran = cached = 0
         for i, node in enumerate(nodes, 1):
             if runner.signum is not None:
-                raise Stopped(f"stopped by {signal.Signals(runner.signum).name} before {node.id}; run the same "
-                              "command again to continue", runner.signum)
+                raise Stopped(
+                    f"stopped by {signal.Signals(runner.signum).name} before {node.id}; run the same "
+                    "command again to continue",
+                    runner.signum,
+                )
             st = cache.status(node, digests)
             head = f"[{i:>{len(str(n))}}/{n}] {node.id}"
             if st.cached:
                 digests[node.id] = st.marker["output_digest"]
                 cached += 1
-                print(f"{head}: cached ({node.kind}, took {fmt_time(st.marker.get('seconds'))} on "
-                      f"{st.marker.get('finished', '?')})", file=stream, flush=True)
+                print(
+                    f"{head}: cached ({node.kind}, took {fmt_time(st.marker.get('seconds'))} on "
+                    f"{st.marker.get('finished', '?')})",
+                    file=stream,
+                    flush=True,
+                )
                 continue
-            print(f"{head}: running {node.kind} ({st.reason}) | elapsed {fmt_time(time.time() - clock.t0)}",
-                  file=stream, flush=True)
+            print(
+                f"{head}: running {node.kind} ({st.reason}) | elapsed {fmt_time(time.time() - clock.t0)}",
+                file=stream,
+                flush=True,
+            )
             marker = execute(node, st, command_of(node, graph.launcher), runner)
             digests[node.id] = marker["output_digest"]
             ran += 1
             clock.done.append((node.kind, node.meta.get("student", ""), marker["seconds"]))
             remaining = [(m, previous.get(m.id)) for m in nodes[i:] if m.id in to_run]
-            print(f"{head}: done in {fmt_time(marker['seconds'])} | elapsed {fmt_time(time.time() - clock.t0)} "
-                  f"| ETA {clock.eta(remaining)} ({len(remaining)} stage(s) may still run)", file=stream, flush=True)
+            print(
+                f"{head}: done in {fmt_time(marker['seconds'])} | elapsed {fmt_time(time.time() - clock.t0)} "
+                f"| ETA {clock.eta(remaining)} ({len(remaining)} stage(s) may still run)",
+                file=stream,
+                flush=True,
+            )
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
-    print(f"all {n} stages finished: {ran} run, {cached} cached, in {fmt_time(time.time() - clock.t0)}",
-          file=stream, flush=True)
+    print(
+        f"all {n} stages finished: {ran} run, {cached} cached, in {fmt_time(time.time() - clock.t0)}",
+        file=stream,
+        flush=True,
+    )
     paths = write_report(graph.out_dir)
     print(paths.table, file=stream)
-    print(f"results: {paths.md}  {paths.json}\nplot: {paths.png}\nTensorBoard: tensorboard --logdir {graph.out_dir}",
-          file=stream, flush=True)
+    print(
+        f"results: {paths.md}  {paths.json}\nplot: {paths.png}\nTensorBoard: tensorboard --logdir {graph.out_dir}",
+        file=stream,
+        flush=True,
+    )
     return 0
-

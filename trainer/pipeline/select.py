@@ -47,7 +47,13 @@ def run_select(node) -> None:
             tmp.unlink()
         os.symlink(os.path.relpath(models[(lr, seed)], out), tmp)
         os.replace(tmp, link)
-    atomic_write_json(out / "select.json", {"metric": recipe["metric"], "lr": lr,
-                                            "mean": statistics.fmean(by_lr[lr].values()),
-                                            "by_lr": {f"{k:g}": v for k, v in by_lr.items()},
-                                            "models": {str(s): models[(lr, s)] for s in by_lr[lr]}})
+    atomic_write_json(
+        out / "select.json",
+        {
+            "metric": recipe["metric"],
+            "lr": lr,
+            "mean": statistics.fmean(by_lr[lr].values()),
+            "by_lr": {f"{k:g}": v for k, v in by_lr.items()},
+            "models": {str(s): models[(lr, s)] for s in by_lr[lr]},
+        },
+    )

@@ -95,8 +95,10 @@ class TeacherSpec:
 
     def validate(self) -> None:
         if bool(self.init) == bool(self.model):
-            raise ValueError("teacher: give exactly one of teacher.init (a model to fine-tune) or teacher.model "
-                             "(an already fine-tuned classifier)")
+            raise ValueError(
+                "teacher: give exactly one of teacher.init (a model to fine-tune) or teacher.model "
+                "(an already fine-tuned classifier)"
+            )
         if self.model and self.per_label_size:
             raise ValueError("teacher.per_label_size needs teacher.init (the pipeline fine-tunes each teacher)")
 
@@ -140,9 +142,11 @@ class StudyRecipe:
         if any(m in PRETRAINED for m in methods) and not (self.corpus.files or self.corpus.dir):
             raise ValueError("methods pf/pd/pd_ft need a pre-training corpus: corpus.files or corpus.dir")
         if any(m in DISTILLED for m in methods) and not (
-                self.transfer.files or self.transfer.hf_dataset or self.transfer.task):
-            raise ValueError("methods kd/pd/pd_ft/pkd need a transfer set: transfer.files, transfer.task or "
-                             "transfer.hf_dataset")
+            self.transfer.files or self.transfer.hf_dataset or self.transfer.task
+        ):
+            raise ValueError(
+                "methods kd/pd/pd_ft/pkd need a transfer set: transfer.files, transfer.task or transfer.hf_dataset"
+            )
         if "pd_ft" in methods and "pd" not in methods:
             raise ValueError("method pd_ft fine-tunes the pd runs: add pd to study.methods")
 

@@ -40,8 +40,9 @@ class TrainSection:
         if (self.steps < 1 and not self.epochs) or self.micro_batch < 1 or self.global_batch < 1:
             raise ValueError("train.steps (or train.epochs), train.micro_batch and train.global_batch must be positive")
         if self.global_batch % self.micro_batch:
-            raise ValueError(f"train.global_batch ({self.global_batch}) must be a multiple of "
-                             f"train.micro_batch ({self.micro_batch})")
+            raise ValueError(
+                f"train.global_batch ({self.global_batch}) must be a multiple of train.micro_batch ({self.micro_batch})"
+            )
         if len(self.betas) != 2:
             raise ValueError("train.betas must have two values")
 

@@ -57,8 +57,9 @@ class DistillRecipe(StageRecipe):
     data: DistillData = field(default_factory=DistillData)
     teacher: TeacherSection = field(default_factory=TeacherSection)
     loss: LossSection = field(default_factory=LossSection)
-    train: TrainSection = field(default_factory=lambda: TrainSection(steps=0, epochs=1.0, lr=1e-4,
-                                                                      micro_batch=32, global_batch=32))
+    train: TrainSection = field(
+        default_factory=lambda: TrainSection(steps=0, epochs=1.0, lr=1e-4, micro_batch=32, global_batch=32)
+    )
     run: RunSection = field(default_factory=lambda: RunSection(out_dir="runs/distill"))
 
     def validate(self) -> None:

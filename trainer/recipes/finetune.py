@@ -23,6 +23,7 @@ class FinetuneData:
 class FinetuneRecipe(StageRecipe):
     data: FinetuneData = field(default_factory=FinetuneData)
     model: ModelSection = field(default_factory=lambda: ModelSection(name="minilm"))
-    train: TrainSection = field(default_factory=lambda: TrainSection(steps=0, epochs=3.0, lr=5e-5,
-                                                                      micro_batch=32, global_batch=32))
+    train: TrainSection = field(
+        default_factory=lambda: TrainSection(steps=0, epochs=3.0, lr=5e-5, micro_batch=32, global_batch=32)
+    )
     run: RunSection = field(default_factory=lambda: RunSection(out_dir="runs/finetune"))

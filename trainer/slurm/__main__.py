@@ -1,9 +1,9 @@
 """`python -m trainer.slurm COMMAND ...`: what slurm/*.sh and slurm/*.sbatch call.
 
-    submit [--check] [--gpu-mem GIB] [sbatch options] SCRIPT [ARGS]   check, then sbatch (slurm/submit.sh)
-    pipeline STUDY.yaml [overrides] [--check] [--dry-run] ...           slurm/submit_pipeline.sh (pipeline.py)
-    run-node PLAN.json GROUP                                            inside a pipeline job (job.py)
-    grid-task RECIPE.yaml [overrides]                                   inside slurm/pretrain_grid.sbatch
+submit [--check] [--gpu-mem GIB] [sbatch options] SCRIPT [ARGS]   check, then sbatch (slurm/submit.sh)
+pipeline STUDY.yaml [overrides] [--check] [--dry-run] ...           slurm/submit_pipeline.sh (pipeline.py)
+run-node PLAN.json GROUP                                            inside a pipeline job (job.py)
+grid-task RECIPE.yaml [overrides]                                   inside slurm/pretrain_grid.sbatch
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ def grid_task(argv: list[str]) -> int:
         raise UserError("slurm/pretrain_grid.sbatch runs as a job array: submit it with --array (e.g. --array=0-23)")
     index = int(task)
     if not 0 <= index < len(models):
-        raise UserError(f"array task {index} has no model: the grid has {len(models)} (ids 0..{len(models) - 1}; "
-                        f"$WELLREAD_MODELS={os.environ.get('WELLREAD_MODELS', '')!r})")
+        raise UserError(
+            f"array task {index} has no model: the grid has {len(models)} (ids 0..{len(models) - 1}; "
+            f"$WELLREAD_MODELS={os.environ.get('WELLREAD_MODELS', '')!r})"
+        )
     name = models[index]
     print(f"model.name={name}")
     print(f"run.out_dir={Path(recipe.run.out_dir) / re.sub(r'[^A-Za-z0-9._-]+', '_', name).strip('_')}")

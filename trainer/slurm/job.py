@@ -118,8 +118,9 @@ def report_main(out_dir: str) -> int:
 
     paths = write_report(Path(out_dir))
     print(paths.table)
-    print(f"results: {paths.md}  {paths.json}\nplot: {paths.png}\nTensorBoard: tensorboard --logdir {out_dir}",
-          flush=True)
+    print(
+        f"results: {paths.md}  {paths.json}\nplot: {paths.png}\nTensorBoard: tensorboard --logdir {out_dir}", flush=True
+    )
     return 0
 
 

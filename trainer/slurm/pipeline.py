@@ -43,8 +43,19 @@ from trainer.errors import UserError
 from trainer.fileio import atomic_write_json
 from trainer.slurm.plan import Group, node_record
 
-ORDER = ("preprocess", "merge", "pretrain", "init-student", "finetune", "label", "finalize", "distill", "select",
-         "evaluate", "report")
+ORDER = (
+    "preprocess",
+    "merge",
+    "pretrain",
+    "init-student",
+    "finetune",
+    "label",
+    "finalize",
+    "distill",
+    "select",
+    "evaluate",
+    "report",
+)
 
 
 # ---------------------------------------------------------------------------------------------- job arrays
@@ -83,8 +94,10 @@ def make_groups(graph, to_run: list[str], label_shards: int, preprocess_tasks: i
         else:
             last[node.id] = add(node.kind, [node.id], deps, 1, "run")
     # a group may have been joined by a node whose deps are deeper: order by depth so deps come first
-    order = sorted(range(len(groups)), key=lambda g: (_level(groups, g), ORDER.index(groups[g].kind)
-                                                      if groups[g].kind in ORDER else len(ORDER)))
+    order = sorted(
+        range(len(groups)),
+        key=lambda g: (_level(groups, g), ORDER.index(groups[g].kind) if groups[g].kind in ORDER else len(ORDER)),
+    )
     remap = {old: new for new, old in enumerate(order)}
     ordered = [groups[g] for g in order]
     for g in ordered:
@@ -128,18 +141,28 @@ class Options:
 
 
 def parse(argv: list[str]) -> Options:
-    p = argparse.ArgumentParser(prog="slurm/submit_pipeline.sh", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="slurm/submit_pipeline.sh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("recipe", help="study recipe (YAML, as for `wellread pipeline`)")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the study recipe")
     p.add_argument("--check", action="store_true", help="only check every stage that would run; submit nothing")
     p.add_argument("--dry-run", action="store_true", help="print the jobs and their sbatch commands; submit nothing")
-    p.add_argument("--sbatch", action="append", default=[], metavar="KIND=OPTIONS",
-                   help="extra sbatch options for one kind of job (preprocess, pretrain, finetune, label, distill, "
-                        "evaluate, finalize, merge, select, report) or 'all'; repeatable")
+    p.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="KIND=OPTIONS",
+        help="extra sbatch options for one kind of job (preprocess, pretrain, finetune, label, distill, "
+        "evaluate, finalize, merge, select, report) or 'all'; repeatable",
+    )
     p.add_argument("--label-shards", type=int, default=2, help="array tasks of each labeling job (default 2)")
-    p.add_argument("--preprocess-tasks", type=int, default=1,
-                   help="array tasks sharing the corpus files of each preprocessing node (default 1)")
+    p.add_argument(
+        "--preprocess-tasks",
+        type=int,
+        default=1,
+        help="array tasks sharing the corpus files of each preprocessing node (default 1)",
+    )
     p.add_argument("--gpu-mem", type=float, default=None, help="GiB of one GPU, for the memory check")
     a = p.parse_intermixed_args(argv)  # overrides may come before or after the options
     extra: dict[str, list[str]] = {}
@@ -150,8 +173,11 @@ def parse(argv: list[str]) -> Options:
         extra.setdefault(kind, []).extend(shlex.split(opts))
     if a.label_shards < 1 or a.preprocess_tasks < 1:
         raise UserError("--label-shards and --preprocess-tasks must be at least 1")
-    gpu_mem = a.gpu_mem if a.gpu_mem is not None else (float(os.environ["WELLREAD_GPU_MEM_GIB"])
-                                                       if os.environ.get("WELLREAD_GPU_MEM_GIB") else None)
+    gpu_mem = (
+        a.gpu_mem
+        if a.gpu_mem is not None
+        else (float(os.environ["WELLREAD_GPU_MEM_GIB"]) if os.environ.get("WELLREAD_GPU_MEM_GIB") else None)
+    )
     return Options(a.recipe, a.overrides, a.check, a.dry_run, extra, a.label_shards, a.preprocess_tasks, gpu_mem)
 
 
@@ -199,8 +225,12 @@ def submit(opts: Options, stream=sys.stdout) -> list[Group]:
     graph = build_graph(study, students, opts.recipe)
     rows = plan(graph)
     to_run = [node.id for node, st, _ in rows if st is None or not st.cached]
-    print(f"study {opts.recipe} -> {graph.out_dir}: {len(rows)} stages, {len(to_run)} to run, "
-          f"{len(rows) - len(to_run)} cached", file=stream, flush=True)
+    print(
+        f"study {opts.recipe} -> {graph.out_dir}: {len(rows)} stages, {len(to_run)} to run, "
+        f"{len(rows) - len(to_run)} cached",
+        file=stream,
+        flush=True,
+    )
     groups = make_groups(graph, to_run, opts.label_shards, opts.preprocess_tasks)
     produced = [graph.nodes[n].out_dir for n in to_run]
     for g in groups:
@@ -218,20 +248,30 @@ def submit(opts: Options, stream=sys.stdout) -> list[Group]:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     plan_path = (slurm_root / f"plan-{stamp}-{os.getpid()}.json").absolute()
     logs = (slurm_root / "logs").absolute()
-    record = {"recipe": opts.recipe, "overrides": opts.overrides, "out_dir": str(graph.out_dir),
-              "cwd": os.getcwd(), "label_shards": opts.label_shards, "preprocess_tasks": opts.preprocess_tasks,
-              "nodes": {n: node_record(graph.nodes[n]) for n in to_run},
-              "deps_done": {d: str(graph.nodes[d].out_dir) for n in to_run for d in graph.nodes[n].deps
-                            if d not in to_run},
-              "groups": [asdict(g) for g in groups]}
+    record = {
+        "recipe": opts.recipe,
+        "overrides": opts.overrides,
+        "out_dir": str(graph.out_dir),
+        "cwd": os.getcwd(),
+        "label_shards": opts.label_shards,
+        "preprocess_tasks": opts.preprocess_tasks,
+        "nodes": {n: node_record(graph.nodes[n]) for n in to_run},
+        "deps_done": {d: str(graph.nodes[d].out_dir) for n in to_run for d in graph.nodes[n].deps if d not in to_run},
+        "groups": [asdict(g) for g in groups],
+    }
     if not opts.dry_run:
         logs.mkdir(parents=True, exist_ok=True)
         write_plan_record(graph, opts.recipe)
         atomic_write_json(plan_path, record)
     name = Path(graph.out_dir).name
     for i, g in enumerate(groups):
-        options = [f"--job-name=wr-{name}-{g.kind}", f"--array=0-{g.tasks - 1}", f"--output={logs}/%x-%A_%a.out",
-                   "--kill-on-invalid-dep=yes", *group_options(g, opts)]
+        options = [
+            f"--job-name=wr-{name}-{g.kind}",
+            f"--array=0-{g.tasks - 1}",
+            f"--output={logs}/%x-%A_%a.out",
+            "--kill-on-invalid-dep=yes",
+            *group_options(g, opts),
+        ]
         if g.deps:
             options.insert(0, "--dependency=afterok:" + ":".join(groups[d].job or f"<{d}>" for d in g.deps))
         args = ["--pipeline-node", str(plan_path), str(i)]
@@ -250,15 +290,20 @@ def submit(opts: Options, stream=sys.stdout) -> list[Group]:
             record["groups"][i]["job"] = g.job
         shown = ", ".join(g.nodes[:3]) + (f" (+{len(g.nodes) - 3})" if len(g.nodes) > 3 else "")
         after = ",".join(str(groups[d].job) for d in g.deps) or "-"
-        print(f"  job {g.job:<10} {g.kind:<10} {g.tasks:>3} task(s)  after {after:<16} {shown}", file=stream,
-              flush=True)
+        print(
+            f"  job {g.job:<10} {g.kind:<10} {g.tasks:>3} task(s)  after {after:<16} {shown}", file=stream, flush=True
+        )
         if opts.dry_run:
             print(f"      sbatch {shlex.join(options)} {script} {shlex.join(args)}", file=stream)
     if not opts.dry_run:
         atomic_write_json(plan_path, record)
-        print(f"submitted {len(groups)} job(s); plan {plan_path}; logs {logs}/\n"
-              f"results: {Path(graph.out_dir) / 'results.md'} when job {groups[-1].job} (report) ends\n"
-              f"TensorBoard: tensorboard --logdir {graph.out_dir}", file=stream, flush=True)
+        print(
+            f"submitted {len(groups)} job(s); plan {plan_path}; logs {logs}/\n"
+            f"results: {Path(graph.out_dir) / 'results.md'} when job {groups[-1].job} (report) ends\n"
+            f"TensorBoard: tensorboard --logdir {graph.out_dir}",
+            file=stream,
+            flush=True,
+        )
         print(" ".join(g.job for g in groups), file=stream, flush=True)
     return groups
 

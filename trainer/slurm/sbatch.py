@@ -22,13 +22,42 @@ from trainer.preflight import Resources, array_ids, check_stage
 
 SLURM_DIR = Path(__file__).resolve().parents[2] / "slurm"
 # script stem -> the stage it runs (wellread.sbatch: the first argument names it)
-SCRIPT_STAGES = {"pretrain": "pretrain", "pretrain_grid": "pretrain-grid", "finetune": "finetune", "label": "label",
-                 "distill": "distill", "evaluate": "evaluate", "preprocess": "preprocess"}
+SCRIPT_STAGES = {
+    "pretrain": "pretrain",
+    "pretrain_grid": "pretrain-grid",
+    "finetune": "finetune",
+    "label": "label",
+    "distill": "distill",
+    "evaluate": "evaluate",
+    "preprocess": "preprocess",
+}
 # sbatch options that take a value when written `-X VALUE` / `--long VALUE` (the others are flags)
 SHORT_WITH_VALUE = set("AabcDdeGiJLMmNnopqSstwxF")
-LONG_FLAGS = {"contiguous", "exclusive", "hold", "ignore-pbs", "no-kill", "no-requeue", "overcommit", "parsable",
-              "requeue", "spread-job", "test-only", "usage", "use-min-nodes", "verbose", "wait", "help", "quiet",
-              "reboot", "get-user-env", "propagate", "oversubscribe", "nice", "exact"}
+LONG_FLAGS = {
+    "contiguous",
+    "exclusive",
+    "hold",
+    "ignore-pbs",
+    "no-kill",
+    "no-requeue",
+    "overcommit",
+    "parsable",
+    "requeue",
+    "spread-job",
+    "test-only",
+    "usage",
+    "use-min-nodes",
+    "verbose",
+    "wait",
+    "help",
+    "quiet",
+    "reboot",
+    "get-user-env",
+    "propagate",
+    "oversubscribe",
+    "nice",
+    "exact",
+}
 ALIASES = {"N": "nodes", "n": "ntasks", "G": "gpus", "a": "array", "c": "cpus-per-task"}
 DIRECTIVE = re.compile(r"^#SBATCH\s+(.*)$")
 
@@ -129,7 +158,7 @@ def split_command(tokens: Sequence[str], gpu_mem: float | None = None) -> Submis
     script = Path(tokens[first])
     if not script.is_file():
         raise UserError(f"{script}: sbatch script not found")
-    options, args = list(tokens[:first]), list(tokens[first + 1:])
+    options, args = list(tokens[:first]), list(tokens[first + 1 :])
     script_opts, _ = parse_options(directives(script))
     cli_opts, _ = parse_options(options)
     merged = {**script_opts, **cli_opts}
@@ -157,8 +186,10 @@ def sbatch(options: Sequence[str], script: Path, args: Sequence[str]) -> str:
     cmd = ["sbatch", "--parsable", *options, str(script), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise UserError(f"sbatch failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}; "
-                        f"command: {shlex.join(cmd)}")
+        raise UserError(
+            f"sbatch failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}; "
+            f"command: {shlex.join(cmd)}"
+        )
     return proc.stdout.strip().split(";")[0]
 
 

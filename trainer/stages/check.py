@@ -17,12 +17,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--tasks-per-node", type=int, default=1, help="processes per node (one per GPU on GPU nodes)")
     p.add_argument("--gpus-per-node", type=int, default=0)
-    p.add_argument("--gpu-mem", type=float, default=env_float("WELLREAD_GPU_MEM_GIB"),
-                   help="GiB of one GPU: fail when the memory planner's estimate exceeds it "
-                        "(default: $WELLREAD_GPU_MEM_GIB; unset: the estimate is only printed)")
+    p.add_argument(
+        "--gpu-mem",
+        type=float,
+        default=env_float("WELLREAD_GPU_MEM_GIB"),
+        help="GiB of one GPU: fail when the memory planner's estimate exceeds it "
+        "(default: $WELLREAD_GPU_MEM_GIB; unset: the estimate is only printed)",
+    )
     p.add_argument("--array", default=None, help="array task ids as sbatch takes them (e.g. 0-23, 0,5,7)")
-    p.add_argument("--models", default=os.environ.get("WELLREAD_MODELS"),
-                   help="pretrain-grid: the models (default: $WELLREAD_MODELS, else the 24 students)")
+    p.add_argument(
+        "--models",
+        default=os.environ.get("WELLREAD_MODELS"),
+        help="pretrain-grid: the models (default: $WELLREAD_MODELS, else the 24 students)",
+    )
     p.add_argument("stage", choices=STAGES)
     p.add_argument("args", nargs=argparse.REMAINDER, help="the stage's own arguments")
 

@@ -90,14 +90,21 @@ class DistillStage(Stage):
         from trainer.models.zoo import resolve
 
         spec = resolve(self.recipe.model.name)
-        tok = load_tokenizer(spec / "tokenizer.json") if isinstance(spec, Path) and (
-            spec / "tokenizer.json").is_file() else load_tokenizer()
+        tok = (
+            load_tokenizer(spec / "tokenizer.json")
+            if isinstance(spec, Path) and (spec / "tokenizer.json").is_file()
+            else load_tokenizer()
+        )
         if self.store is not None:
             # check_compatible (tokenizer, transfer set, files present) happens once the transfer set is known
-            self.source["store"] = {"path": str(self.store.directory), "kind": self.store.kind,
-                                    "examples": len(self.store), "teacher": self.store.header.get("teacher"),
-                                    "tokenizer_hash": self.store.header.get("tokenizer_hash"),
-                                    "transfer_fingerprint": self.store.header.get("transfer_fingerprint")}
+            self.source["store"] = {
+                "path": str(self.store.directory),
+                "kind": self.store.kind,
+                "examples": len(self.store),
+                "teacher": self.store.header.get("teacher"),
+                "tokenizer_hash": self.store.header.get("tokenizer_hash"),
+                "transfer_fingerprint": self.store.header.get("transfer_fingerprint"),
+            }
         self.source["student_init"] = self.recipe.model.name
         self.source["tokenizer_hash"] = tokenizer_hash(tok)
         return tok
@@ -110,13 +117,14 @@ class DistillStage(Stage):
         spec = teacher_dir(self.recipe.teacher.model, "teacher.model")
         teacher = Teacher(spec, self.kind, precision=precision(load_ds_config(self.recipe.engine.ds_config)[0]))
         if tokenizer_hash(teacher.tokenizer()) != self.source["tokenizer_hash"]:
-            raise UserError(f"teacher.model: {spec} uses another tokenizer than the student "
-                            f"'{self.recipe.model.name}'")
+            raise UserError(f"teacher.model: {spec} uses another tokenizer than the student '{self.recipe.model.name}'")
         if self.store is not None:
             theirs = (self.store.header.get("teacher") or {}).get("weights_sha256")
             if theirs != teacher.weights_sha256():
-                raise UserError(f"teacher.model: {spec} is not the teacher that labeled {self.store.directory} "
-                                f"(weights sha256 {str(theirs)[:12]}..); re-label, or drop teacher.model")
+                raise UserError(
+                    f"teacher.model: {spec} is not the teacher that labeled {self.store.directory} "
+                    f"(weights sha256 {str(theirs)[:12]}..); re-label, or drop teacher.model"
+                )
         self.source["online_teacher"] = str(spec)
         return teacher
 
@@ -149,9 +157,15 @@ class DistillStage(Stage):
         return hf_tokenizer(self.tokenizer, min(self.max_len, 512))
 
     def export_info(self, trainer: Trainer, final_metrics: dict[str, float] | None) -> dict:
-        return {"stage": self.name, "step": trainer.state.step, "kind": self.kind, "temperature": self.t,
-                "metrics": final_metrics, "source": self.source,
-                "labels": getattr(getattr(self, "task", None), "labels", None)}
+        return {
+            "stage": self.name,
+            "step": trainer.state.step,
+            "kind": self.kind,
+            "temperature": self.t,
+            "metrics": final_metrics,
+            "source": self.source,
+            "labels": getattr(getattr(self, "task", None), "labels", None),
+        }
 
 
 class ClassifierDistill(DistillStage):
@@ -169,8 +183,9 @@ class ClassifierDistill(DistillStage):
         """The transfer set: the recipe's, else the one the store was labeled on; checked against the store."""
         t = self.recipe.data.transfer
         if t is None and self.store is not None:
-            t = from_dict(TransferSection, self.store.header["config"]["transfer"],
-                          f"{self.store.directory}/manifest.json")
+            t = from_dict(
+                TransferSection, self.store.header["config"]["transfer"], f"{self.store.directory}/manifest.json"
+            )
         if t is None:
             raise UserError(f"{where}: data.transfer is required with an online teacher and no store")
         fingerprint = transfer_fingerprint(t)
@@ -178,8 +193,10 @@ class ClassifierDistill(DistillStage):
             self.store.check_compatible(self.source["tokenizer_hash"], fingerprint, where)
         examples = list(transfer_examples(t))
         if self.store is not None and len(examples) != len(self.store):
-            raise UserError(f"{where}: the transfer set has {len(examples)} examples, the store "
-                            f"{self.store.directory} {len(self.store)}")
+            raise UserError(
+                f"{where}: the transfer set has {len(examples)} examples, the store "
+                f"{self.store.directory} {len(self.store)}"
+            )
         self.source["transfer_fingerprint"] = fingerprint
         return t, examples
 
@@ -195,8 +212,9 @@ class ClassifierDistill(DistillStage):
         rows = [Example(text, None, gold, "transfer") for text, gold in examples]
         self.encoded: Encoded = encode(rows, self.tokenizer, self.max_len, regression=False)
         num_classes = self.store.num_classes if self.store is not None else self.teacher.num_classes
-        self.hf = load_classifier(model.name, num_classes, model.dropout, model.attention,
-                                  self.tokenizer.get_vocab_size())
+        self.hf = load_classifier(
+            model.name, num_classes, model.dropout, model.attention, self.tokenizer.get_vocab_size()
+        )
         self.teacher_layers: list[int] = []  # PKD: the teacher layers whose [CLS] states the student meets, in order
         self.cls_index: list[int] | None = None  # PKD from the store: which stored [CLS] layers, in map order
         student_layers = self._patient_kd(where) if loss.beta > 0 else []
@@ -213,18 +231,22 @@ class ClassifierDistill(DistillStage):
         loss = self.recipe.loss
         stored = self.store.cls_layers if self.store is not None else []
         if self.teacher is None and not stored:
-            raise UserError(f"{where}: loss.beta > 0 (Patient KD) needs the teacher's [CLS] states: give "
-                            "teacher.model, or a store labeled with output.cls_layers")
+            raise UserError(
+                f"{where}: loss.beta > 0 (Patient KD) needs the teacher's [CLS] states: give "
+                "teacher.model, or a store labeled with output.cls_layers"
+            )
         depth = self.teacher.depth if self.teacher is not None else self.store.teacher_layers
         pairs = pkd_layer_map(depth, self.hf.config.num_hidden_layers, loss.pkd_scheme)
         self.teacher_layers = [t for _, t in pairs]
         if self.teacher is None:
             missing = [t for t in self.teacher_layers if t not in stored]
             if missing:
-                raise UserError(f"{where}: PKD-{loss.pkd_scheme} ({depth} -> {self.hf.config.num_hidden_layers} "
-                                f"layers) needs the teacher's [CLS] states after layers {self.teacher_layers}; "
-                                f"{self.store.directory} holds layers {stored}: re-label with "
-                                f"output.cls_layers={self.teacher_layers}, or give teacher.model")
+                raise UserError(
+                    f"{where}: PKD-{loss.pkd_scheme} ({depth} -> {self.hf.config.num_hidden_layers} "
+                    f"layers) needs the teacher's [CLS] states after layers {self.teacher_layers}; "
+                    f"{self.store.directory} holds layers {stored}: re-label with "
+                    f"output.cls_layers={self.teacher_layers}, or give teacher.model"
+                )
             self.cls_index = [stored.index(t) for t in self.teacher_layers]
         self.source["pkd_map"] = pairs
         self.source["pkd_teacher_states"] = "online" if self.teacher is not None else "store"
@@ -235,8 +257,15 @@ class ClassifierDistill(DistillStage):
         lengths = self.encoded.lengths
         if self.store is not None:
             lengths = lengths[self.store.example_ids()]
-        return StoreSampler(len(lengths), global_batch, env.rank, env.world_size, self.recipe.train.seed, lengths,
-                            self.recipe.data.bucket_window)
+        return StoreSampler(
+            len(lengths),
+            global_batch,
+            env.rank,
+            env.world_size,
+            self.recipe.train.seed,
+            lengths,
+            self.recipe.data.bucket_window,
+        )
 
     def batch(self, chunk: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
         idx, weight = self._filler(chunk)
@@ -270,8 +299,9 @@ class ClassifierDistill(DistillStage):
         from trainer.data.task_metrics import compute_metrics
         from trainer.models.classify import predict
 
-        logits = predict(trainer.engine.module, self.eval_enc, trainer.env, self.recipe.data.eval_batch_size,
-                         self.pad_id)
+        logits = predict(
+            trainer.engine.module, self.eval_enc, trainer.env, self.recipe.data.eval_batch_size, self.pad_id
+        )
         return compute_metrics(self.task, logits.argmax(-1), self.eval_enc.labels)
 
 
@@ -299,9 +329,11 @@ class MLMDistill(DistillStage):
             if self.corpus.tokenizer_hash != self.source["tokenizer_hash"]:
                 raise UserError(f"{data.corpus}: tokenized with another tokenizer than the student's")
         elif loss.a_mlm > 0 or loss.a_cos > 0:
-            raise UserError(f"{where}: an offline MLM store holds the teacher's top-k at its (already masked) inputs; "
-                            "the MLM and cosine terms need data.corpus and teacher.model (set loss.a_mlm=0 "
-                            "loss.a_cos=0 to distil from the store alone)")
+            raise UserError(
+                f"{where}: an offline MLM store holds the teacher's top-k at its (already masked) inputs; "
+                "the MLM and cosine terms need data.corpus and teacher.model (set loss.a_mlm=0 "
+                "loss.a_cos=0 to distil from the store alone)"
+            )
         else:
             self.store.check_compatible(self.source["tokenizer_hash"], None, where)
         self.spec = MaskSpec(vocab_size=vocab, specials=special_ids(self.tokenizer), mask_prob=data.mask_prob)
@@ -314,19 +346,23 @@ class MLMDistill(DistillStage):
                 raise UserError(f"{where}: loss.a_cos > 0 needs teacher.model (the teacher's hidden states)")
             hs, ht = self.hf.config.hidden_size, self.teacher.hidden_size
             if hs != ht and not loss.projection:
-                raise UserError(f"{where}: the cosine term compares hidden states, but the student is {hs} wide and "
-                                f"the teacher {ht}: set loss.projection=true (a learned projection) or loss.a_cos=0")
+                raise UserError(
+                    f"{where}: the cosine term compares hidden states, but the student is {hs} wide and "
+                    f"the teacher {ht}: set loss.projection=true (a learned projection) or loss.a_cos=0"
+                )
             projection = HiddenProjection(hs, ht) if hs != ht else None
         self.eval_corpus = TokenShards(data.eval_corpus, verify=data.verify) if data.eval_corpus else None
-        return MLMDistiller(self.hf, self.t, loss.a_ce, loss.a_mlm if self.store is None else 0.0, loss.a_cos,
-                            projection)
+        return MLMDistiller(
+            self.hf, self.t, loss.a_ce, loss.a_mlm if self.store is None else 0.0, loss.a_cos, projection
+        )
 
     def make_order(self, global_batch: int, env: DistEnv) -> BatchOrder:
         seed = self.recipe.train.seed
         if self.store is not None:
             return StoreSampler(len(self.store), global_batch, env.rank, env.world_size, seed)
-        return BatchOrder(len(self.corpus), global_batch, env.rank, env.world_size, seed,
-                          what=str(self.corpus.directory))
+        return BatchOrder(
+            len(self.corpus), global_batch, env.rank, env.world_size, seed, what=str(self.corpus.directory)
+        )
 
     def batch(self, chunk: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
         idx, weight = self._filler(chunk)
@@ -338,25 +374,31 @@ class MLMDistill(DistillStage):
         mask = torch.from_numpy(got["attention_mask"])
         flat = torch.nonzero(mask.reshape(-1), as_tuple=True)[0]
         k = got["topk_ids"].shape[-1]
-        return {"input_ids": torch.from_numpy(got["input_ids"]), "attention_mask": mask, "weight": weight,
-                "kd_positions": flat,
-                "topk_ids": torch.from_numpy(got["topk_ids"]).reshape(-1, k).index_select(0, flat),
-                "topk_logprobs": torch.from_numpy(got["topk_logprobs"]).reshape(-1, k).index_select(0, flat)}
+        return {
+            "input_ids": torch.from_numpy(got["input_ids"]),
+            "attention_mask": mask,
+            "weight": weight,
+            "kd_positions": flat,
+            "topk_ids": torch.from_numpy(got["topk_ids"]).reshape(-1, k).index_select(0, flat),
+            "topk_logprobs": torch.from_numpy(got["topk_logprobs"]).reshape(-1, k).index_select(0, flat),
+        }
 
     def _online_batch(self, idx: np.ndarray, weight: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
         """Corpus sequences masked for (seed, epoch, index), the teacher's logits at the KD positions."""
         from trainer.data.masking import mlm_batch
 
         seed, loss = self.recipe.train.seed, self.recipe.loss
-        batch = mlm_batch([self.corpus[int(i)] for i in idx], [(seed, epoch, int(i)) for i in idx], self.spec,
-                          self.special)
+        batch = mlm_batch(
+            [self.corpus[int(i)] for i in idx], [(seed, epoch, int(i)) for i in idx], self.spec, self.special
+        )
         mask = batch["attention_mask"]
         if loss.kd_positions == "masked":
             batch["kd_positions"] = batch["mlm_positions"]
         else:
             batch["kd_positions"] = torch.nonzero(mask.reshape(-1), as_tuple=True)[0]
-        logits, hidden = self.teacher.mlm({"input_ids": batch["input_ids"], "attention_mask": mask},
-                                          hidden=loss.a_cos > 0)
+        logits, hidden = self.teacher.mlm(
+            {"input_ids": batch["input_ids"], "attention_mask": mask}, hidden=loss.a_cos > 0
+        )
         batch["teacher_logits"] = logits.reshape(-1, logits.shape[-1]).index_select(0, batch["kd_positions"])
         if hidden is not None:
             batch["teacher_hidden"] = hidden
@@ -364,8 +406,14 @@ class MLMDistill(DistillStage):
         return batch
 
     def count(self, micro: list[dict[str, torch.Tensor]]) -> float:
-        return float(sum((b["weight"].repeat_interleave(b["attention_mask"].shape[1])
-                          .index_select(0, b["kd_positions"]) > 0).sum() for b in micro))
+        return float(
+            sum(
+                (
+                    b["weight"].repeat_interleave(b["attention_mask"].shape[1]).index_select(0, b["kd_positions"]) > 0
+                ).sum()
+                for b in micro
+            )
+        )
 
     def evaluate(self, trainer: Trainer) -> dict[str, float] | None:
         if self.eval_corpus is None:
@@ -373,8 +421,15 @@ class MLMDistill(DistillStage):
         from trainer.models.mlm import evaluate_mlm
 
         spec = dataclasses.replace(self.spec, mask_prob=0.15)
-        return evaluate_mlm(trainer.engine, self.eval_corpus, spec, trainer.env, self.recipe.train.micro_batch,
-                            self.recipe.data.eval_max_sequences, 1234)
+        return evaluate_mlm(
+            trainer.engine,
+            self.eval_corpus,
+            spec,
+            trainer.env,
+            self.recipe.train.micro_batch,
+            self.recipe.data.eval_max_sequences,
+            1234,
+        )
 
 
 STAGES: dict[str, type[DistillStage]] = {"classification": ClassifierDistill, "mlm": MLMDistill}

@@ -19,8 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="exported HF directory of a fine-tuned model")
     p.add_argument("--task", required=True, help="task name (sst2, rte, mrpc, cola, imdb) or a task YAML file")
     p.add_argument("--split", default="dev")
-    p.add_argument("--data-root", default=None,
-                   help="root of the task data (default: $WELLREAD_DATA or ../shared/data)")
+    p.add_argument(
+        "--data-root", default=None, help="root of the task data (default: $WELLREAD_DATA or ../shared/data)"
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-seq-len", type=int, default=128)
     p.add_argument("--out", default=None, help="metrics JSON path (default: MODEL/metrics-TASK-SPLIT.json)")
@@ -44,8 +45,9 @@ def main(args: argparse.Namespace) -> int:
     hf = BertForSequenceClassification.from_pretrained(model_dir)
     expected = 1 if task.labels is None else len(task.labels)
     if hf.config.num_labels != expected:
-        raise UserError(f"{model_dir}/config.json: the model has {hf.config.num_labels} labels, task {task.name} "
-                        f"has {expected}")
+        raise UserError(
+            f"{model_dir}/config.json: the model has {hf.config.num_labels} labels, task {task.name} has {expected}"
+        )
     enc, loaded = load_task_data(task, args.split, args.data_root, tok, args.max_seq_len)
     env = init_distributed()
     try:
@@ -54,8 +56,16 @@ def main(args: argparse.Namespace) -> int:
         shutdown()
     preds = logits[:, 0] if expected == 1 else logits.argmax(-1)
     metrics = compute_metrics(task, preds, enc.labels)
-    report = {"model": str(model_dir), "task": task.name, "split": args.split, "file": str(loaded.path),
-              "examples": len(enc), "skipped_rows": loaded.skipped, "ranks": env.world_size, **metrics}
+    report = {
+        "model": str(model_dir),
+        "task": task.name,
+        "split": args.split,
+        "file": str(loaded.path),
+        "examples": len(enc),
+        "skipped_rows": loaded.skipped,
+        "ranks": env.world_size,
+        **metrics,
+    }
     if env.is_main:
         print(json.dumps(report, indent=2))
         atomic_write_json(args.out or model_dir / f"metrics-{task.name}-{args.split}.json", report)

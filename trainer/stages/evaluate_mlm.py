@@ -43,8 +43,9 @@ def _corpus(data: list[str], model_dir: Path, seq_len: int, workdir: Path) -> To
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="exported HF directory or a checkpoint directory")
-    p.add_argument("--data", required=True, nargs="+",
-                   help="a preprocessed shard directory, or text files (tokenized on the fly)")
+    p.add_argument(
+        "--data", required=True, nargs="+", help="a preprocessed shard directory, or text files (tokenized on the fly)"
+    )
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=1234, help="seed of the (fixed) evaluation masks")

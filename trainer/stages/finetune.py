@@ -52,22 +52,33 @@ class Finetune(Stage):
         self.task = resolve_task(data.task)
         self.tokenizer = tokenizer_for(model.name)
         self.pad_id = special_ids(self.tokenizer).pad
-        self.train_enc, loaded = load_task_data(self.task, data.train_split, data.data_root, self.tokenizer,
-                                                data.max_seq_len, data.max_train_examples)
-        self.eval_enc, _ = load_task_data(self.task, data.eval_split, data.data_root, self.tokenizer,
-                                          data.max_seq_len)
+        self.train_enc, loaded = load_task_data(
+            self.task, data.train_split, data.data_root, self.tokenizer, data.max_seq_len, data.max_train_examples
+        )
+        self.eval_enc, _ = load_task_data(self.task, data.eval_split, data.data_root, self.tokenizer, data.max_seq_len)
         self.num_labels = 1 if self.task.labels is None else len(self.task.labels)
         self.metric = primary_metric(self.task)
         if env.is_main:
-            print(f"{self.task.name}: {len(self.train_enc)} train / {len(self.eval_enc)} {data.eval_split} examples "
-                  f"({loaded.skipped} bad rows skipped)", flush=True)
-        self.hf = load_classifier(model.name, self.num_labels, model.dropout, model.attention,
-                                  self.tokenizer.get_vocab_size())
+            print(
+                f"{self.task.name}: {len(self.train_enc)} train / {len(self.eval_enc)} {data.eval_split} examples "
+                f"({loaded.skipped} bad rows skipped)",
+                flush=True,
+            )
+        self.hf = load_classifier(
+            model.name, self.num_labels, model.dropout, model.attention, self.tokenizer.get_vocab_size()
+        )
         return Classifier(self.hf)
 
     def make_order(self, global_batch: int, env: DistEnv) -> BucketedOrder:
-        return BucketedOrder(self.train_enc.lengths, global_batch, env.rank, env.world_size, self.recipe.train.seed,
-                             self.recipe.data.bucket_window, what=f"{self.task.name} {self.recipe.data.train_split}")
+        return BucketedOrder(
+            self.train_enc.lengths,
+            global_batch,
+            env.rank,
+            env.world_size,
+            self.recipe.train.seed,
+            self.recipe.data.bucket_window,
+            what=f"{self.task.name} {self.recipe.data.train_split}",
+        )
 
     def micro_batches(self, items: np.ndarray, epoch: int, accumulation: int) -> list[dict[str, torch.Tensor]]:
         return [collate(self.train_enc, chunk, self.pad_id) for chunk in items.reshape(accumulation, -1)]
@@ -80,30 +91,42 @@ class Finetune(Stage):
 
     def evaluate(self, trainer: Trainer) -> dict[str, float]:
         """Dev metrics; a new best is exported to OUT/best at once."""
-        logits = predict(trainer.engine.module, self.eval_enc, trainer.env, self.recipe.data.eval_batch_size,
-                         self.pad_id)
+        logits = predict(
+            trainer.engine.module, self.eval_enc, trainer.env, self.recipe.data.eval_batch_size, self.pad_id
+        )
         preds = logits[:, 0] if self.num_labels == 1 else logits.argmax(-1)
         metrics = compute_metrics(self.task, preds, self.eval_enc.labels)
         extra = trainer.state.extra
         if extra.get("best") is None or metrics[self.metric] > extra["best"]:
             extra.update(best=metrics[self.metric], best_step=trainer.state.step)
-            trainer.checkpointer.export(trainer.engine, self.hf, self.hf_tokenizer(), trainer.out / "best",
-                                        self.export_info(trainer, metrics))
-            trainer.log(f"new best {self.metric}={metrics[self.metric]:.4f} at step {trainer.state.step}: "
-                        f"{trainer.out / 'best'}")
+            trainer.checkpointer.export(
+                trainer.engine, self.hf, self.hf_tokenizer(), trainer.out / "best", self.export_info(trainer, metrics)
+            )
+            trainer.log(
+                f"new best {self.metric}={metrics[self.metric]:.4f} at step {trainer.state.step}: "
+                f"{trainer.out / 'best'}"
+            )
         return metrics
 
     def hf_tokenizer(self):
         return hf_tokenizer(self.tokenizer, self.recipe.data.max_seq_len)
 
     def export_info(self, trainer: Trainer, final_metrics: dict[str, float] | None) -> dict:
-        return {"stage": self.name, "task": self.task.name, "step": trainer.state.step, "metrics": final_metrics,
-                "labels": self.task.labels, "init": self.recipe.model.name}
+        return {
+            "stage": self.name,
+            "task": self.task.name,
+            "step": trainer.state.step,
+            "metrics": final_metrics,
+            "labels": self.task.labels,
+            "init": self.recipe.model.name,
+        }
 
     def finished(self, trainer: Trainer, final_metrics: dict[str, float] | None) -> None:
         extra = trainer.state.extra
-        trainer.log(f"best {self.metric}={extra['best']:.4f} (step {extra['best_step']}) in {trainer.out / 'best'}; "
-                    f"final model in {trainer.out / 'export'}")
+        trainer.log(
+            f"best {self.metric}={extra['best']:.4f} (step {extra['best_step']}) in {trainer.out / 'best'}; "
+            f"final model in {trainer.out / 'export'}"
+        )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

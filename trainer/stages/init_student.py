@@ -21,16 +21,24 @@ from pathlib import Path
 from trainer.errors import UserError
 from trainer.fileio import atomic_write_json, fsync_tree
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                   "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "added_tokens.json",
+)
 _LAYER_KEY = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", required=True, help="local Hugging Face BERT directory, wellread run, or `minilm`")
-    p.add_argument("--layers", default=None,
-                   help="0-based teacher layers to copy, comma-separated and increasing, e.g. 0,2,4 "
-                        "(default: DistilBERT's every-other-layer choice for half the teacher's depth)")
+    p.add_argument(
+        "--layers",
+        default=None,
+        help="0-based teacher layers to copy, comma-separated and increasing, e.g. 0,2,4 "
+        "(default: DistilBERT's every-other-layer choice for half the teacher's depth)",
+    )
     p.add_argument("--out", required=True, help="output directory (replaced atomically if it exists)")
     p.add_argument("--seed", type=int, default=0, help="seed of a freshly initialised MLM head")
 
@@ -47,8 +55,9 @@ def parse_layers(text: str | None, teacher_layers: int) -> list[int]:
         raise UserError(f"--layers {text!r}: expected comma-separated integers, e.g. 0,2,4") from None
     bad = [x for x in layers if not 0 <= x < teacher_layers]
     if bad:
-        raise UserError(f"--layers {text!r}: layer {bad[0]} is out of range; the teacher has layers "
-                        f"0..{teacher_layers - 1}")
+        raise UserError(
+            f"--layers {text!r}: layer {bad[0]} is out of range; the teacher has layers 0..{teacher_layers - 1}"
+        )
     if len(set(layers)) != len(layers):
         raise UserError(f"--layers {text!r}: a layer appears twice")
     if layers != sorted(layers):
@@ -110,12 +119,16 @@ def build_student(model_dir: Path, layers: list[int], seed: int = 0):
                 if names[0].startswith("cls."):
                     fresh.append(names[0])
                     continue
-                raise UserError(f"{path}: no tensor {teacher_key(names[0], layers)} (needed for {names[0]}, "
-                                f"teacher has {n_teacher} layers)")
+                raise UserError(
+                    f"{path}: no tensor {teacher_key(names[0], layers)} (needed for {names[0]}, "
+                    f"teacher has {n_teacher} layers)"
+                )
             source = tensors[source_name]
             if source.shape != target.shape or source.dtype != target.dtype:
-                raise UserError(f"{path}: {source_name} is {tuple(source.shape)} {source.dtype}, the student "
-                                f"expects {tuple(target.shape)} {target.dtype}")
+                raise UserError(
+                    f"{path}: {source_name} is {tuple(source.shape)} {source.dtype}, the student "
+                    f"expects {tuple(target.shape)} {target.dtype}"
+                )
             target.copy_(source)
     return student, fresh
 
@@ -132,8 +145,12 @@ def main(args: argparse.Namespace) -> int:
     layers = parse_layers(args.layers, n_teacher)
     student, fresh = build_student(teacher_dir, layers, args.seed)
     if fresh:
-        print(f"wellread: warning: {teacher_dir} has no MLM head ({', '.join(fresh)}); "
-              f"the student's head is freshly initialised (seed {args.seed})", file=sys.stderr, flush=True)
+        print(
+            f"wellread: warning: {teacher_dir} has no MLM head ({', '.join(fresh)}); "
+            f"the student's head is freshly initialised (seed {args.seed})",
+            file=sys.stderr,
+            flush=True,
+        )
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -146,8 +163,14 @@ def main(args: argparse.Namespace) -> int:
             shutil.copyfile(teacher_dir / name, tmp / name)
         if not copied:
             print(f"wellread: warning: {teacher_dir} has no tokenizer files; none copied", file=sys.stderr)
-        info = {"stage": "init-student", "teacher": str(teacher_dir), "teacher_layers": layers,
-                "teacher_num_layers": n_teacher, "mlm_head": "fresh" if fresh else "copied", "seed": args.seed}
+        info = {
+            "stage": "init-student",
+            "teacher": str(teacher_dir),
+            "teacher_layers": layers,
+            "teacher_num_layers": n_teacher,
+            "mlm_head": "fresh" if fresh else "copied",
+            "seed": args.seed,
+        }
         atomic_write_json(tmp / "wellread.json", info)
         fsync_tree(tmp)
         publish_dir(tmp, out)

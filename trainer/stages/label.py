@@ -56,9 +56,12 @@ def _batch(seqs: list[np.ndarray], types: list[np.ndarray], pad: int) -> dict[st
     tt = np.zeros_like(ids)
     mask = np.zeros_like(ids)
     for r, (s, t) in enumerate(zip(seqs, types)):
-        ids[r, :len(s)], tt[r, :len(s)], mask[r, :len(s)] = s, t, 1
-    return {"input_ids": torch.from_numpy(ids), "token_type_ids": torch.from_numpy(tt),
-            "attention_mask": torch.from_numpy(mask)}
+        ids[r, : len(s)], tt[r, : len(s)], mask[r, : len(s)] = s, t, 1
+    return {
+        "input_ids": torch.from_numpy(ids),
+        "token_type_ids": torch.from_numpy(tt),
+        "attention_mask": torch.from_numpy(mask),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -83,20 +86,35 @@ def label(recipe: LabelRecipe, shard: int, num_shards: int, env: DistEnv, comman
     if o.cls_layers and o.kind != "classification":
         raise UserError("output.cls_layers: [CLS] states are kept for classification stores only")
     teacher = Teacher(model_dir, o.kind)
-    if o.cls_layers and not (list(o.cls_layers) == sorted(set(o.cls_layers)) and
-                             o.cls_layers[0] >= 1 and o.cls_layers[-1] <= teacher.depth):
-        raise UserError(f"output.cls_layers: {o.cls_layers} must be increasing layers in 1..{teacher.depth} "
-                        f"(the teacher {model_dir} has {teacher.depth})")
+    if o.cls_layers and not (
+        list(o.cls_layers) == sorted(set(o.cls_layers)) and o.cls_layers[0] >= 1 and o.cls_layers[-1] <= teacher.depth
+    ):
+        raise UserError(
+            f"output.cls_layers: {o.cls_layers} must be increasing layers in 1..{teacher.depth} "
+            f"(the teacher {model_dir} has {teacher.depth})"
+        )
     writer_id = make_writer_id(shard, num_shards, env.rank, env.world_size)
     # every shape a store may need; the kind's settings (format.kind_settings) keep their own
-    writer = SoftLabelWriter(out, writer_id, o.kind, num_classes=teacher.num_classes, k=o.topk,
-                             vocab_size=teacher.vocab_size, part_examples=o.part_examples, cls_layers=o.cls_layers,
-                             hidden_size=teacher.hidden_size, teacher_layers=teacher.depth)
+    writer = SoftLabelWriter(
+        out,
+        writer_id,
+        o.kind,
+        num_classes=teacher.num_classes,
+        k=o.topk,
+        vocab_size=teacher.vocab_size,
+        part_examples=o.part_examples,
+        cls_layers=o.cls_layers,
+        hidden_size=teacher.hidden_size,
+        teacher_layers=teacher.depth,
+    )
     roles, positions = labeled_roles(writer.settings), position_roles(writer.settings)
     mine, total = writer_examples(recipe, shard, num_shards, env)
-    todo = mine[writer.examples_done:]
-    log0(env, f"labeling {total:,} transfer examples with {model_dir} ({o.kind}); job shard {shard}/{num_shards}, "
-              f"{env.world_size} rank(s); this writer: {len(mine):,}, {writer.examples_done:,} already done")
+    todo = mine[writer.examples_done :]
+    log0(
+        env,
+        f"labeling {total:,} transfer examples with {model_dir} ({o.kind}); job shard {shard}/{num_shards}, "
+        f"{env.world_size} rank(s); this writer: {len(mine):,}, {writer.examples_done:,} already done",
+    )
     from trainer.data.masking import MaskSpec, mask_one
 
     mask_spec = MaskSpec(vocab_size=teacher.vocab_size, specials=specials, mask_prob=o.mask_prob or 0.15)
@@ -106,20 +124,22 @@ def label(recipe: LabelRecipe, shard: int, num_shards: int, env: DistEnv, comman
     t0 = time.time()
     # sort by length inside windows so batches pad little, then restore order when writing
     for start in range(0, len(todo), o.batch_size * 32):
-        window = todo[start:start + o.batch_size * 32]
+        window = todo[start : start + o.batch_size * 32]
         encodings = tok.encode_batch([text for _, text, _ in window], add_special_tokens=True)
         seqs = [np.asarray(e.ids, dtype=np.int64) for e in encodings]
         types = [np.asarray(e.type_ids, dtype=np.int64) for e in encodings]
         if o.kind == "mlm" and o.mask_prob > 0:
-            seqs = [mask_one(s, np.random.default_rng([recipe.seed, int(eid)]), mask_spec, special)[0]
-                    for s, (eid, _, _) in zip(seqs, window)]
+            seqs = [
+                mask_one(s, np.random.default_rng([recipe.seed, int(eid)]), mask_spec, special)[0]
+                for s, (eid, _, _) in zip(seqs, window)
+            ]
         order = np.argsort([len(s) for s in seqs], kind="stable")
         results: list = [None] * len(window)  # per example: the teacher's roles, cut to its length (mlm)
         for b in range(0, len(order), o.batch_size):
-            idx = order[b:b + o.batch_size]
+            idx = order[b : b + o.batch_size]
             out_b = soft_labels(teacher, _batch([seqs[i] for i in idx], [types[i] for i in idx], specials.pad), o)
             for j, i in enumerate(idx):
-                results[i] = {role: v[j, :len(seqs[i])] if role in positions else v[j] for role, v in out_b.items()}
+                results[i] = {role: v[j, : len(seqs[i])] if role in positions else v[j] for role, v in out_b.items()}
         ids = np.asarray([eid for eid, _, _ in window], dtype=np.int64)
         inputs = {"gold": np.asarray([g for _, _, g in window], dtype=np.int64), "tokens": seqs}
         writer.add(ids, **{role: inputs[role] if role in inputs else [r[role] for r in results] for role in roles})
@@ -138,8 +158,9 @@ def label(recipe: LabelRecipe, shard: int, num_shards: int, env: DistEnv, comman
     return 0
 
 
-def maybe_finalize(recipe: LabelRecipe, out: Path, total: int, tok, model_dir: Path, command: list[str],
-                   required: bool) -> dict | None:
+def maybe_finalize(
+    recipe: LabelRecipe, out: Path, total: int, tok, model_dir: Path, command: list[str], required: bool
+) -> dict | None:
     """Write the manifest once every example is covered (the last writer does it, or --finalize)."""
     done = sum(int(info["examples"]) for info in _all_parts(out))
     if done < total:
@@ -149,12 +170,19 @@ def maybe_finalize(recipe: LabelRecipe, out: Path, total: int, tok, model_dir: P
         print(msg, file=sys.stderr)
         return None
     if not required and not _claim_finalize(out):
-        print(f"{out}: every example is labeled; another writer is finalizing (if it died, run --finalize)",
-              file=sys.stderr)
+        print(
+            f"{out}: every example is labeled; another writer is finalizing (if it died, run --finalize)",
+            file=sys.stderr,
+        )
         return None
-    header = {"teacher": teacher_fingerprint(model_dir), "tokenizer_hash": tokenizer_hash(tok),
-              "transfer_fingerprint": transfer_fingerprint(recipe.transfer), "command": command,
-              "config": to_dict(recipe), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    header = {
+        "teacher": teacher_fingerprint(model_dir),
+        "tokenizer_hash": tokenizer_hash(tok),
+        "transfer_fingerprint": transfer_fingerprint(recipe.transfer),
+        "command": command,
+        "config": to_dict(recipe),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     manifest = finalize(out, header, expected_examples=total)
     print(f"{out}: soft-label store complete ({total:,} examples, {len(manifest['shards'])} shards)", file=sys.stderr)
     return manifest
@@ -184,10 +212,18 @@ def _progress(total: int, env: DistEnv):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_recipe_arguments(p)
-    p.add_argument("--shard-index", type=int, default=None,
-                   help="this job's share of the transfer set (default: position in the Slurm array, or 0)")
-    p.add_argument("--num-shards", type=int, default=None,
-                   help="number of independent jobs (default: the Slurm array's task count, or 1)")
+    p.add_argument(
+        "--shard-index",
+        type=int,
+        default=None,
+        help="this job's share of the transfer set (default: position in the Slurm array, or 0)",
+    )
+    p.add_argument(
+        "--num-shards",
+        type=int,
+        default=None,
+        help="number of independent jobs (default: the Slurm array's task count, or 1)",
+    )
     p.add_argument("--finalize", action="store_true", help="only verify every shard and write the manifest")
 
 
@@ -195,8 +231,10 @@ def job_shard(shard_index: int | None, num_shards: int | None, environ: Mapping[
     """This job's share of the transfer set: the flags, else the position in the Slurm array, else (0, 1)."""
     array = slurm_array_position(environ) if shard_index is None else None
     if array is not None and num_shards is not None and num_shards != array[1]:
-        raise UserError(f"--num-shards {num_shards} but the Slurm array has {array[1]} tasks: pass --shard-index "
-                        "too (e.g. --shard-index $SLURM_ARRAY_TASK_ID when re-running some shards)")
+        raise UserError(
+            f"--num-shards {num_shards} but the Slurm array has {array[1]} tasks: pass --shard-index "
+            "too (e.g. --shard-index $SLURM_ARRAY_TASK_ID when re-running some shards)"
+        )
     shard = shard_index if shard_index is not None else (array[0] if array else 0)
     count = num_shards if num_shards is not None else (array[1] if array else 1)
     if not 0 <= shard < count:

@@ -50,8 +50,9 @@ def _from_recipe(path: str) -> dict:
     zero = cfg.get("zero_optimization", {})
     out["stage"] = zero_stage(cfg)
     dev = lambda k: (zero.get(k) or {}).get("device", "none")  # noqa: E731
-    out["offload"] = "all" if dev("offload_param") != "none" else "optimizer" if dev("offload_optimizer") != "none" \
-        else "none"
+    out["offload"] = (
+        "all" if dev("offload_param") != "none" else "optimizer" if dev("offload_optimizer") != "none" else "none"
+    )
     out["precision"] = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[str(precision(cfg)).split(".")[-1]]
     return out
 
@@ -67,14 +68,29 @@ def main(args: argparse.Namespace) -> int:
     offload = args.offload or recipe.get("offload", "none")
     precision = args.precision or recipe.get("precision", "fp32")
     micro_batch = args.micro_batch or recipe.get("micro_batch", 8)
-    stages = (stage,) if stage is not None else ((2, 3) if offload == "optimizer" else (3,) if offload == "all"
-                                                 else (0, 1, 2, 3))
+    stages = (
+        (stage,)
+        if stage is not None
+        else ((2, 3) if offload == "optimizer" else (3,) if offload == "all" else (0, 1, 2, 3))
+    )
     shape = ModelShape.of(model, args.vocab_size)
     rows = plan(shape, args.ranks, stages, offload, precision, micro_batch, args.seq_len, args.ranks_per_node)
     if args.json:
-        print(json.dumps({"model": model, "params": shape.params, "ranks": args.ranks, "offload": offload,
-                          "precision": precision, "micro_batch": micro_batch, "seq_len": args.seq_len,
-                          "stages": as_dict(rows)}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "model": model,
+                    "params": shape.params,
+                    "ranks": args.ranks,
+                    "offload": offload,
+                    "precision": precision,
+                    "micro_batch": micro_batch,
+                    "seq_len": args.seq_len,
+                    "stages": as_dict(rows),
+                },
+                indent=1,
+            )
+        )
     else:
         print(format_plan(model, shape, args.ranks, rows, offload, precision, micro_batch, args.seq_len))
     return 0

@@ -29,21 +29,39 @@ from trainer.errors import UserError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="*", type=Path,
-                   help="text files (plain or .gz) and/or JSONL files (.jsonl/.json[.gz], one record per document)")
+    p.add_argument(
+        "inputs",
+        nargs="*",
+        type=Path,
+        help="text files (plain or .gz) and/or JSONL files (.jsonl/.json[.gz], one record per document)",
+    )
     p.add_argument("--out", type=Path, required=True, help="output directory for shards + manifest.json")
-    p.add_argument("--tokenizer", default=None,
-                   help="tokenizer.json, vocab.txt or a directory with one (default: uncased BERT WordPiece)")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer.json, vocab.txt or a directory with one (default: uncased BERT WordPiece)",
+    )
     p.add_argument("--seq-len", type=int, default=128, help="sequence length including [CLS] and [SEP]")
     p.add_argument("--shard-tokens", type=int, default=16_000_000, help="tokens per shard (closed at a document end)")
-    p.add_argument("--packing", choices=["strict", "merge"], default="strict",
-                   help="strict: a sequence never holds two documents; merge: short documents share sequences")
-    p.add_argument("--doc-mode", choices=["file", "blank_line", "line"], default="file",
-                   help="what a document is inside a text file")
+    p.add_argument(
+        "--packing",
+        choices=["strict", "merge"],
+        default="strict",
+        help="strict: a sequence never holds two documents; merge: short documents share sequences",
+    )
+    p.add_argument(
+        "--doc-mode",
+        choices=["file", "blank_line", "line"],
+        default="file",
+        help="what a document is inside a text file",
+    )
     p.add_argument("--text-field", default="text", help="text field of JSONL records / dataset rows")
     p.add_argument("--strip-gutenberg", action="store_true", help="keep only the text between the PG markers")
-    p.add_argument("--wikitext", action="store_true",
-                   help="undo WikiText tokenization (' @-@ ' -> '-', ...) and map <unk> to [UNK] (never masked)")
+    p.add_argument(
+        "--wikitext",
+        action="store_true",
+        help="undo WikiText tokenization (' @-@ ' -> '-', ...) and map <unk> to [UNK] (never masked)",
+    )
     p.add_argument("--hf-dataset", default=None, help="a `datasets` dataset name (hub) or local data files/dir")
     p.add_argument("--hf-config", default=None)
     p.add_argument("--hf-split", default="train")
@@ -51,17 +69,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--task-index", type=int, default=None, help="this task's share of the input files (0-based)")
     p.add_argument("--num-tasks", type=int, default=None, help="number of tasks sharing the input files")
-    p.add_argument("--slurm-array", action="store_true",
-                   help="--task-index/--num-tasks from this job's position in its Slurm job array")
+    p.add_argument(
+        "--slurm-array",
+        action="store_true",
+        help="--task-index/--num-tasks from this job's position in its Slurm job array",
+    )
     p.add_argument("--merge", action="store_true", help="only merge the finished parts of --num-tasks tasks")
 
 
 def main(args: argparse.Namespace, command: list[str] | None = None) -> int:
-    spec = SourceSpec(files=list(args.inputs), doc_mode=args.doc_mode, text_field=args.text_field,
-                      strip_gutenberg=args.strip_gutenberg, wikitext=args.wikitext, hf_dataset=args.hf_dataset,
-                      hf_split=args.hf_split, hf_config=args.hf_config)
-    opts = PackOptions(seq_len=args.seq_len, shard_tokens=args.shard_tokens, packing=args.packing,
-                       workers=args.workers)
+    spec = SourceSpec(
+        files=list(args.inputs),
+        doc_mode=args.doc_mode,
+        text_field=args.text_field,
+        strip_gutenberg=args.strip_gutenberg,
+        wikitext=args.wikitext,
+        hf_dataset=args.hf_dataset,
+        hf_split=args.hf_split,
+        hf_config=args.hf_config,
+    )
+    opts = PackOptions(seq_len=args.seq_len, shard_tokens=args.shard_tokens, packing=args.packing, workers=args.workers)
     command = command or ["wellread", "preprocess", *sys.argv[2:]]
     if args.slurm_array or args.num_tasks is not None or args.merge:
         manifest = in_parts(args, spec, opts, command)
@@ -70,8 +97,10 @@ def main(args: argparse.Namespace, command: list[str] | None = None) -> int:
     else:
         manifest = preprocess(spec, args.out, args.tokenizer, opts, progress=not args.no_progress, command=command)
     s = manifest["stats"]
-    print(f"{args.out}: {len(manifest['shards'])} shard(s), {s['tokens']:,} tokens, {s['sequences']:,} sequences, "
-          f"{s['documents']:,} documents, {s['replaced_invalid_utf8']} invalid UTF-8 sequence(s) replaced")
+    print(
+        f"{args.out}: {len(manifest['shards'])} shard(s), {s['tokens']:,} tokens, {s['sequences']:,} sequences, "
+        f"{s['documents']:,} documents, {s['replaced_invalid_utf8']} invalid UTF-8 sequence(s) replaced"
+    )
     return 0
 
 
@@ -98,11 +127,15 @@ def in_parts(args: argparse.Namespace, spec: SourceSpec, opts: PackOptions, comm
     if (args.out / cp.MANIFEST).is_file():
         return None
     if waiting:
-        print(f"{args.out}: part {index} of {n} done; {len(waiting)} part(s) still running (the last one merges)",
-              file=sys.stderr)
+        print(
+            f"{args.out}: part {index} of {n} done; {len(waiting)} part(s) still running (the last one merges)",
+            file=sys.stderr,
+        )
         return None
     if not cp.claim_merge(args.out, n):
-        print(f"{args.out}: every part is done; another task is merging (if it died, run this command with --merge)",
-              file=sys.stderr)
+        print(
+            f"{args.out}: every part is done; another task is merging (if it died, run this command with --merge)",
+            file=sys.stderr,
+        )
         return None
     return cp.merge(spec, args.out, args.tokenizer, opts, n, command)

@@ -46,18 +46,28 @@ class Pretrain(Stage):
         self.special = self.spec.special_table()
         self.hf = build_mlm(model.name, vocab, model.dropout, model.max_position, model.attention)
         if self.hf.config.vocab_size != vocab:
-            raise UserError(f"{where}: model '{model.name}' has vocab {self.hf.config.vocab_size}, the corpus "
-                            f"{data.train} has {vocab}")
+            raise UserError(
+                f"{where}: model '{model.name}' has vocab {self.hf.config.vocab_size}, the corpus "
+                f"{data.train} has {vocab}"
+            )
         return SparseMLM(self.hf)
 
     def make_order(self, global_batch: int, env: DistEnv) -> BatchOrder:
-        return BatchOrder(len(self.corpus), global_batch, env.rank, env.world_size, self.recipe.train.seed,
-                          what=str(self.corpus.directory))
+        return BatchOrder(
+            len(self.corpus),
+            global_batch,
+            env.rank,
+            env.world_size,
+            self.recipe.train.seed,
+            what=str(self.corpus.directory),
+        )
 
     def micro_batches(self, items: np.ndarray, epoch: int, accumulation: int) -> list[dict[str, torch.Tensor]]:
         seed = self.recipe.train.seed
-        return [mlm_batch([self.corpus[i] for i in chunk], [(seed, epoch, int(i)) for i in chunk], self.spec,
-                          self.special) for chunk in items.reshape(accumulation, -1)]
+        return [
+            mlm_batch([self.corpus[i] for i in chunk], [(seed, epoch, int(i)) for i in chunk], self.spec, self.special)
+            for chunk in items.reshape(accumulation, -1)
+        ]
 
     def count(self, micro: list[dict[str, torch.Tensor]]) -> float:
         return float(sum(b["mlm_labels"].numel() for b in micro))
@@ -76,15 +86,27 @@ class Pretrain(Stage):
             return None
         data = self.recipe.data
         spec = dataclasses.replace(self.spec, mask_prob=data.eval_mask_prob)
-        return evaluate_mlm(trainer.engine, self.eval_corpus, spec, trainer.env, self.recipe.train.micro_batch,
-                            data.eval_max_sequences, data.eval_seed)
+        return evaluate_mlm(
+            trainer.engine,
+            self.eval_corpus,
+            spec,
+            trainer.env,
+            self.recipe.train.micro_batch,
+            data.eval_max_sequences,
+            data.eval_seed,
+        )
 
     def hf_tokenizer(self):
         return hf_tokenizer(self.tokenizer, self.corpus.seq_len)
 
     def export_info(self, trainer: Trainer, final_metrics: dict[str, float] | None) -> dict:
-        return {"stage": self.name, "step": trainer.state.step, "tokens_seen": trainer.state.tokens_seen,
-                "corpus": str(self.corpus.directory), "tokenizer_sha256": self.corpus.tokenizer_hash}
+        return {
+            "stage": self.name,
+            "step": trainer.state.step,
+            "tokens_seen": trainer.state.tokens_seen,
+            "corpus": str(self.corpus.directory),
+            "tokenizer_sha256": self.corpus.tokenizer_hash,
+        }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

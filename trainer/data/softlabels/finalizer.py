@@ -50,8 +50,10 @@ def finalize(store_dir: str | Path, header: dict, expected_examples: int | None 
     sidecars: list[str] = []
     for path in sorted(directory.iterdir()):
         if m := PART_TMP.match(path.name):
-            raise UserError(f"{directory}: shard {m['stem']} is unfinished (temporary file {path.name} left by a "
-                            "killed writer); re-run its labeler job to resume it, then finalize")
+            raise UserError(
+                f"{directory}: shard {m['stem']} is unfinished (temporary file {path.name} left by a "
+                "killed writer); re-run its labeler job to resume it, then finalize"
+            )
         if STORE_TMP.match(path.name):  # an earlier finalize was killed
             path.unlink(missing_ok=True)
         elif m := DATA_FILE.match(path.name):
@@ -60,8 +62,10 @@ def finalize(store_dir: str | Path, header: dict, expected_examples: int | None 
             sidecars.append(m["stem"])
     unfinished = sorted(set(data) - set(sidecars))
     if unfinished:
-        raise UserError(f"{directory}: shard {unfinished[0]} is unfinished (no sidecar {unfinished[0]}.json); "
-                        "re-run its labeler job to resume it, then finalize")
+        raise UserError(
+            f"{directory}: shard {unfinished[0]} is unfinished (no sidecar {unfinished[0]}.json); "
+            "re-run its labeler job to resume it, then finalize"
+        )
     if not sidecars:
         raise UserError(f"{directory}: no finished soft-label parts to finalize")
 
@@ -76,8 +80,15 @@ def finalize(store_dir: str | Path, header: dict, expected_examples: int | None 
         try:
             if info["name"] != stem or info["kind"] not in KINDS:
                 raise KeyError("name/kind")
-            mine = kind_settings(info["kind"], info.get("num_classes"), info.get("k"), info.get("vocab_size"),
-                                 info.get("cls_layers"), info.get("hidden_size"), info.get("teacher_layers"))
+            mine = kind_settings(
+                info["kind"],
+                info.get("num_classes"),
+                info.get("k"),
+                info.get("vocab_size"),
+                info.get("cls_layers"),
+                info.get("hidden_size"),
+                info.get("teacher_layers"),
+            )
             verify_files(directory, info, checksum=True, source=f"{stem}.json")
             arrays = open_part(directory, info)
         except (KeyError, TypeError, ValueError) as e:
@@ -85,12 +96,16 @@ def finalize(store_dir: str | Path, header: dict, expected_examples: int | None 
         if settings is None:
             settings, first = mine, stem
         elif mine != settings:
-            raise UserError(f"{directory}: shard {stem} is {mine}, but shard {first} is {settings}: one store "
-                            "holds one kind of labels of one shape")
+            raise UserError(
+                f"{directory}: shard {stem} is {mine}, but shard {first} is {settings}: one store "
+                "holds one kind of labels of one shape"
+            )
         listed = sorted(meta["file"] for meta in info["files"].values())
         if sorted(data.get(stem, [])) != listed:
-            raise UserError(f"{directory}: shard {stem}: files on disk {sorted(data.get(stem, []))} differ from its "
-                            f"sidecar {listed}")
+            raise UserError(
+                f"{directory}: shard {stem}: files on disk {sorted(data.get(stem, []))} differ from its "
+                f"sidecar {listed}"
+            )
         ids = np.array(arrays["ids"])  # a copy: the part's maps (and their descriptors) are released
         if ids.size == 0 or int(ids.min()) != info["id_min"] or int(ids.max()) != info["id_max"] or ids.min() < 0:
             raise UserError(f"{directory}: shard {stem}: example ids disagree with its sidecar's id range")
@@ -114,19 +129,25 @@ def finalize(store_dir: str | Path, header: dict, expected_examples: int | None 
     dup = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1])
     if dup.size:
         i = int(dup[0])
-        raise UserError(f"{directory}: example id {int(sorted_ids[i])} is labeled twice, in shard "
-                        f"{shard_of(int(order[i]))} and shard {shard_of(int(order[i + 1]))} ({dup.size} duplicate(s) "
-                        "in all): two labeler jobs covered the same examples")
+        raise UserError(
+            f"{directory}: example id {int(sorted_ids[i])} is labeled twice, in shard "
+            f"{shard_of(int(order[i]))} and shard {shard_of(int(order[i + 1]))} ({dup.size} duplicate(s) "
+            "in all): two labeler jobs covered the same examples"
+        )
     if expected_examples is not None:
         if sorted_ids[-1] >= expected_examples:
             i = int(np.searchsorted(sorted_ids, expected_examples))
-            raise UserError(f"{directory}: shard {shard_of(int(order[i]))} holds example id {int(sorted_ids[i])}, "
-                            f"but the transfer set has {expected_examples} examples")
+            raise UserError(
+                f"{directory}: shard {shard_of(int(order[i]))} holds example id {int(sorted_ids[i])}, "
+                f"but the transfer set has {expected_examples} examples"
+            )
         if ids.size != expected_examples:
             gaps = np.flatnonzero(sorted_ids != np.arange(ids.size))
             first_missing = int(gaps[0]) if gaps.size else ids.size
-            raise UserError(f"{directory}: {expected_examples - ids.size} of {expected_examples} example ids have "
-                            f"no soft labels (first: {first_missing}); a labeler job did not finish")
+            raise UserError(
+                f"{directory}: {expected_examples - ids.size} of {expected_examples} example ids have "
+                f"no soft labels (first: {first_missing}); a labeler job did not finish"
+            )
 
     order_meta = write_role(directory / ORDER_FILE, order.astype(index_dtype(max(len(order) - 1, 0))))
     kind = settings["kind"]
@@ -136,8 +157,13 @@ def finalize(store_dir: str | Path, header: dict, expected_examples: int | None 
         if settings.get("cls_layers"):
             shapes["cls"] = ["n", len(settings["cls_layers"]) * settings["hidden_size"]]
     else:
-        shapes = {"ids": ["n"], "offsets": ["n + 1"], "tokens": ["T"], "topk_ids": ["T", settings["k"]],
-                  "topk_logprobs": ["T", settings["k"]]}
+        shapes = {
+            "ids": ["n"],
+            "offsets": ["n + 1"],
+            "tokens": ["T"],
+            "topk_ids": ["T", settings["k"]],
+            "topk_logprobs": ["T", settings["k"]],
+        }
     manifest = {
         "format": FORMAT_NAME,
         "version": VERSION,
@@ -146,8 +172,12 @@ def finalize(store_dir: str | Path, header: dict, expected_examples: int | None 
         "shapes": shapes,
         "has_gold": has_gold,
         "expected_examples": expected_examples,
-        "totals": {"examples": int(ids.size), "positions": positions, "shards": len(entries),
-                   "bytes": sum(m["bytes"] for e in entries for m in e["files"].values()) + order_meta["bytes"]},
+        "totals": {
+            "examples": int(ids.size),
+            "positions": positions,
+            "shards": len(entries),
+            "bytes": sum(m["bytes"] for e in entries for m in e["files"].values()) + order_meta["bytes"],
+        },
         "order": order_meta,
         "shards": entries,
         "header": header,

@@ -103,8 +103,9 @@ KIND_ROLES: dict[str, tuple[Role, ...]] = {
     ),
 }
 #: the roles every part of a kind has (optional ones left out)
-ROLES: dict[str, tuple[str, ...]] = {kind: tuple(r.name for r in roles if r.when is None)
-                                     for kind, roles in KIND_ROLES.items()}
+ROLES: dict[str, tuple[str, ...]] = {
+    kind: tuple(r.name for r in roles if r.when is None) for kind, roles in KIND_ROLES.items()
+}
 
 _WRITER_ID = re.compile(r"^[A-Za-z0-9]+(?:[-_][A-Za-z0-9]+)*$")
 _STEM = r"part-[A-Za-z0-9_-]+-\d{5,}"
@@ -117,8 +118,9 @@ STORE_TMP = re.compile(rf"^\.(?:{re.escape(MANIFEST)}|{re.escape(ORDER_FILE)})\.
 def make_writer_id(job_shard_index: int, num_job_shards: int, rank: int, world_size: int) -> str:
     """`j0003of0016-r01of04`: unique per (job shard, rank), so writers never touch each other's files."""
     if not (0 <= job_shard_index < num_job_shards and 0 <= rank < world_size):
-        raise ValueError(f"bad writer position: job shard {job_shard_index} of {num_job_shards}, "
-                         f"rank {rank} of {world_size}")
+        raise ValueError(
+            f"bad writer position: job shard {job_shard_index} of {num_job_shards}, rank {rank} of {world_size}"
+        )
     return f"j{job_shard_index:04d}of{num_job_shards:04d}-r{rank:02d}of{world_size:02d}"
 
 
@@ -128,8 +130,7 @@ def part_stem(writer_id: str, part: int) -> str:
 
 def check_writer_id(writer_id: str) -> None:
     if not isinstance(writer_id, str) or not _WRITER_ID.match(writer_id):
-        raise ValueError(f"writer id {writer_id!r} must be letters/digits joined by '-' or '_' "
-                         "(see make_writer_id)")
+        raise ValueError(f"writer id {writer_id!r} must be letters/digits joined by '-' or '_' (see make_writer_id)")
 
 
 def gold_dtype(num_classes: int) -> np.dtype:
@@ -170,8 +171,12 @@ def role_shapes(settings: dict, rows: dict[str, int | str]) -> dict[str, tuple]:
 
 def role_dtypes(settings: dict) -> dict[str, str | None]:
     """The dtype of each role fixed by the store's settings; None where it depends on a file's values."""
-    fixed = {"idx": lambda: None, "lab": lambda: gold_dtype(settings["num_classes"]).str,
-             "tok": lambda: token_dtype(settings["vocab_size"]).str, "fp16": lambda: FP16.str}
+    fixed = {
+        "idx": lambda: None,
+        "lab": lambda: gold_dtype(settings["num_classes"]).str,
+        "tok": lambda: token_dtype(settings["vocab_size"]).str,
+        "fp16": lambda: FP16.str,
+    }
     return {r.name: fixed[r.dtype]() for r in store_roles(settings)}
 
 
@@ -179,13 +184,20 @@ def check_sidecar_version(info: dict, source: str | Path) -> None:
     """A part written by another format version is refused by name, never silently redone or mixed."""
     version = info.get("version", 1)
     if version != VERSION:
-        raise UserError(f"{source}: soft-label part of format version {version}, this wellread reads version "
-                        f"{VERSION}; {RELABEL}")
+        raise UserError(
+            f"{source}: soft-label part of format version {version}, this wellread reads version {VERSION}; {RELABEL}"
+        )
 
 
-def kind_settings(kind: str, num_classes: int | None, k: int | None, vocab_size: int | None,
-                  cls_layers: list[int] | None = None, hidden_size: int | None = None,
-                  teacher_layers: int | None = None) -> dict:
+def kind_settings(
+    kind: str,
+    num_classes: int | None,
+    k: int | None,
+    vocab_size: int | None,
+    cls_layers: list[int] | None = None,
+    hidden_size: int | None = None,
+    teacher_layers: int | None = None,
+) -> dict:
     """The settings every part of a store shares. [CLS] states (classification only) come with the teacher's
     hidden size and depth, so a reader can map a student's layers onto the stored ones (PKD)."""
     if kind == "classification":
@@ -194,13 +206,19 @@ def kind_settings(kind: str, num_classes: int | None, k: int | None, vocab_size:
         if not cls_layers:
             return {"kind": kind, "num_classes": num_classes}
         if not (isinstance(hidden_size, int) and hidden_size > 0 and isinstance(teacher_layers, int)):
-            raise ValueError(f"[CLS] states need the teacher's hidden size and depth, got {hidden_size}, "
-                             f"{teacher_layers}")
+            raise ValueError(
+                f"[CLS] states need the teacher's hidden size and depth, got {hidden_size}, {teacher_layers}"
+            )
         layers = [int(x) for x in cls_layers]
         if layers != sorted(set(layers)) or layers[0] < 1 or layers[-1] > teacher_layers:
             raise ValueError(f"cls_layers must be increasing teacher layers in 1..{teacher_layers}, got {cls_layers}")
-        return {"kind": kind, "num_classes": num_classes, "cls_layers": layers, "hidden_size": hidden_size,
-                "teacher_layers": teacher_layers}
+        return {
+            "kind": kind,
+            "num_classes": num_classes,
+            "cls_layers": layers,
+            "hidden_size": hidden_size,
+            "teacher_layers": teacher_layers,
+        }
     if kind == "mlm":
         if not isinstance(k, int) or k < 1 or not isinstance(vocab_size, int) or vocab_size < 2:
             raise ValueError(f"mlm soft labels need k >= 1 and vocab_size >= 2, got k={k}, vocab_size={vocab_size}")
@@ -220,8 +238,10 @@ def read_role(path: Path, meta: dict, shard: str) -> np.ndarray:
     """Memory-map one file after checking its header against its sidecar/manifest entry (never reads data)."""
     arr = read_array(path, MAGIC, VERSION, f"soft-label shard {shard}", hint=RELABEL)
     if arr.dtype.str != meta["dtype"] or list(arr.shape) != list(meta["shape"]):
-        raise UserError(f"{path}: header says {arr.dtype.str} {list(arr.shape)}, expected {meta['dtype']} "
-                        f"{meta['shape']} in shard {shard}")
+        raise UserError(
+            f"{path}: header says {arr.dtype.str} {list(arr.shape)}, expected {meta['dtype']} "
+            f"{meta['shape']} in shard {shard}"
+        )
     return arr
 
 
@@ -234,13 +254,16 @@ def verify_files(directory: Path, entry: dict, checksum: bool, source: str) -> N
             raise UserError(f"{path}: file of shard {name} listed in {source} is missing")
         size = path.stat().st_size
         if size != meta["bytes"]:
-            raise UserError(f"{path}: {size} bytes, {source} says {meta['bytes']}: shard {name} is truncated "
-                            "or corrupt")
+            raise UserError(
+                f"{path}: {size} bytes, {source} says {meta['bytes']}: shard {name} is truncated or corrupt"
+            )
         if checksum:
             digest = sha256_file(path)
             if digest != meta["sha256"]:
-                raise UserError(f"{path}: checksum mismatch in shard {name} (sha256 {digest[:12]}.. != {source} "
-                                f"{meta['sha256'][:12]}..): the file is corrupt")
+                raise UserError(
+                    f"{path}: checksum mismatch in shard {name} (sha256 {digest[:12]}.. != {source} "
+                    f"{meta['sha256'][:12]}..): the file is corrupt"
+                )
 
 
 def open_part(directory: Path, entry: dict) -> dict[str, np.ndarray]:
@@ -248,10 +271,10 @@ def open_part(directory: Path, entry: dict) -> dict[str, np.ndarray]:
     name, kind, n = entry["name"], entry["kind"], int(entry["examples"])
     roles = part_roles(entry)
     if sorted(entry["files"]) != sorted(roles):
-        raise UserError(f"{directory}: shard {name} has files {sorted(entry['files'])}, a {kind} shard needs "
-                        f"{sorted(roles)}")
-    arrays = {role: read_role(directory / entry["files"][role]["file"], entry["files"][role], name)
-              for role in roles}
+        raise UserError(
+            f"{directory}: shard {name} has files {sorted(entry['files'])}, a {kind} shard needs {sorted(roles)}"
+        )
+    arrays = {role: read_role(directory / entry["files"][role]["file"], entry["files"][role], name) for role in roles}
     t = int(entry["positions"]) if "offsets" in arrays else None
     if t is not None:
         off = arrays["offsets"]
@@ -260,8 +283,9 @@ def open_part(directory: Path, entry: dict) -> dict[str, np.ndarray]:
     expected = role_shapes(entry, {"example": n, "offset": n + 1, "position": t})
     for role, shape in expected.items():
         if arrays[role].shape != shape:
-            raise UserError(f"{directory}: shard {name}: {role} has shape {list(arrays[role].shape)}, "
-                            f"expected {list(shape)}")
+            raise UserError(
+                f"{directory}: shard {name}: {role} has shape {list(arrays[role].shape)}, expected {list(shape)}"
+            )
     for role, dtype in role_dtypes(entry).items():
         got = arrays[role].dtype
         if (dtype is not None and got.str != dtype) or (dtype is None and got.kind != "u"):

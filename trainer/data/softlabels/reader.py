@@ -32,14 +32,18 @@ class SoftLabelStore:
     store of thousands of parts stays under the usual `ulimit -n` of 1024.
     """
 
-    def __init__(self, store_dir: str | Path, verify: Literal["full", "size"] = "full", *,
-                 max_open_shards: int = 64):
+    def __init__(self, store_dir: str | Path, verify: Literal["full", "size"] = "full", *, max_open_shards: int = 64):
         if verify not in ("full", "size"):
             raise ValueError(f"verify must be 'full' or 'size', got {verify!r}")
         self.directory = Path(store_dir)
-        self.manifest = read_manifest(self.directory / MANIFEST, FORMAT_NAME, VERSION, "soft-label store",
-                                      "labeling did not finish: re-run `wellread label` to resume and finalize it",
-                                      RELABEL)
+        self.manifest = read_manifest(
+            self.directory / MANIFEST,
+            FORMAT_NAME,
+            VERSION,
+            "soft-label store",
+            "labeling did not finish: re-run `wellread label` to resume and finalize it",
+            RELABEL,
+        )
         self.kind: str = self.manifest["kind"]
         self.num_classes: int | None = self.manifest.get("num_classes")
         self.k: int | None = self.manifest.get("k")
@@ -103,8 +107,12 @@ class SoftLabelStore:
         if self.kind == "classification":
             return {"example_id": np.array(arr["ids"][r]), "logits": arr["logits"][r], "gold": np.array(arr["gold"][r])}
         a, b = int(arr["offsets"][r]), int(arr["offsets"][r + 1])
-        return {"example_id": np.array(arr["ids"][r]), "token_ids": arr["tokens"][a:b],
-                "topk_ids": arr["topk_ids"][a:b], "topk_logprobs": arr["topk_logprobs"][a:b]}
+        return {
+            "example_id": np.array(arr["ids"][r]),
+            "token_ids": arr["tokens"][a:b],
+            "topk_ids": arr["topk_ids"][a:b],
+            "topk_logprobs": arr["topk_logprobs"][a:b],
+        }
 
     def batch(self, indices: np.ndarray | list[int], pad_to: int | None = None) -> dict[str, np.ndarray]:
         """Padded arrays for a student step; an empty `indices` gives arrays with a 0-sized batch axis.
@@ -146,12 +154,17 @@ class SoftLabelStore:
         top_ids = np.zeros((bsz, t, self.k), dtype=np.int64)
         top_lp = np.zeros((bsz, t, self.k), dtype=np.float32)
         for j, (arr, a, b) in enumerate(spans):
-            input_ids[j, :b - a] = arr["tokens"][a:b]
-            mask[j, :b - a] = 1
-            top_ids[j, :b - a] = arr["topk_ids"][a:b]
-            top_lp[j, :b - a] = arr["topk_logprobs"][a:b]
-        return {"example_ids": ids, "input_ids": input_ids, "attention_mask": mask, "topk_ids": top_ids,
-                "topk_logprobs": top_lp}
+            input_ids[j, : b - a] = arr["tokens"][a:b]
+            mask[j, : b - a] = 1
+            top_ids[j, : b - a] = arr["topk_ids"][a:b]
+            top_lp[j, : b - a] = arr["topk_logprobs"][a:b]
+        return {
+            "example_ids": ids,
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "topk_ids": top_ids,
+            "topk_logprobs": top_lp,
+        }
 
     def check_compatible(self, tokenizer_hash: str, transfer_fingerprint: str | None, where: str) -> None:
         """Refuse labels made with another tokenizer or transfer set, or whose files went missing since.
@@ -161,17 +174,25 @@ class SoftLabelStore:
         """
         theirs = self.header.get("tokenizer_hash")
         if theirs != tokenizer_hash:
-            raise UserError(f"{where}: soft labels in {self.directory} were made with another tokenizer (hash "
-                            f"{str(theirs)[:12]}.. != {tokenizer_hash[:12]}..); re-label with this tokenizer")
+            raise UserError(
+                f"{where}: soft labels in {self.directory} were made with another tokenizer (hash "
+                f"{str(theirs)[:12]}.. != {tokenizer_hash[:12]}..); re-label with this tokenizer"
+            )
         if transfer_fingerprint is not None:
             theirs = self.header.get("transfer_fingerprint")
             if theirs != transfer_fingerprint:
-                raise UserError(f"{where}: soft labels in {self.directory} were made for other transfer data "
-                                f"(fingerprint {str(theirs)[:12]}.. != {transfer_fingerprint[:12]}..)")
+                raise UserError(
+                    f"{where}: soft labels in {self.directory} were made for other transfer data "
+                    f"(fingerprint {str(theirs)[:12]}.. != {transfer_fingerprint[:12]}..)"
+                )
         try:
             for entry in self.manifest["shards"]:
                 verify_files(self.directory, entry, checksum=False, source=MANIFEST)
-            verify_files(self.directory, {"name": ORDER_FILE, "files": {"order": self.manifest["order"]}},
-                          checksum=False, source=MANIFEST)
+            verify_files(
+                self.directory,
+                {"name": ORDER_FILE, "files": {"order": self.manifest["order"]}},
+                checksum=False,
+                source=MANIFEST,
+            )
         except UserError as e:
             raise UserError(f"{where}: {e}") from None

@@ -91,32 +91,48 @@ class SoftLabelWriter:
     writer was given) are already on disk, the caller skips them and adds the rest.
     """
 
-    def __init__(self, store_dir: str | Path, writer_id: str, kind: Kind, *, num_classes: int | None = None,
-                 k: int | None = None, vocab_size: int | None = None, part_examples: int = 8192,
-                 cls_layers: list[int] | None = None, hidden_size: int | None = None,
-                 teacher_layers: int | None = None):
+    def __init__(
+        self,
+        store_dir: str | Path,
+        writer_id: str,
+        kind: Kind,
+        *,
+        num_classes: int | None = None,
+        k: int | None = None,
+        vocab_size: int | None = None,
+        part_examples: int = 8192,
+        cls_layers: list[int] | None = None,
+        hidden_size: int | None = None,
+        teacher_layers: int | None = None,
+    ):
         check_writer_id(writer_id)
         if part_examples < 1:
             raise ValueError(f"part_examples must be >= 1, got {part_examples}")
         self.directory = Path(store_dir)
         self.writer_id = writer_id
         self.kind = kind
-        self.settings = {**kind_settings(kind, num_classes, k, vocab_size, cls_layers, hidden_size, teacher_layers),
-                         "part_examples": part_examples}
+        self.settings = {
+            **kind_settings(kind, num_classes, k, vocab_size, cls_layers, hidden_size, teacher_layers),
+            "part_examples": part_examples,
+        }
         self.part_examples = part_examples
         self.tok_dtype = token_dtype(vocab_size) if kind == "mlm" else None
         self.gold_dtype = gold_dtype(num_classes) if kind == "classification" else None
         self.directory.mkdir(parents=True, exist_ok=True)
         if (self.directory / MANIFEST).exists():
-            raise UserError(f"{self.directory}: soft-label store is already finalized ({MANIFEST} exists); "
-                            "label into a new directory")
+            raise UserError(
+                f"{self.directory}: soft-label store is already finalized ({MANIFEST} exists); "
+                "label into a new directory"
+            )
         self.finished = finished_parts(self.directory, writer_id)
         for info in self.finished:
             diff = {key: info.get(key) for key, value in self.settings.items() if info.get(key) != value}
             if diff:
-                raise UserError(f"{self.directory / info['name']}.json: written with other settings {diff} "
-                                f"than now {({key: self.settings[key] for key in diff})}; use the same settings "
-                                "or a new store directory")
+                raise UserError(
+                    f"{self.directory / info['name']}.json: written with other settings {diff} "
+                    f"than now { ({key: self.settings[key] for key in diff}) }; use the same settings "
+                    "or a new store directory"
+                )
         self._chunks: list[dict[str, np.ndarray]] = []
         self._buffered = 0
         self.closed = False
@@ -139,8 +155,9 @@ class SoftLabelWriter:
         else:
             self.add_mlm(example_ids, values["tokens"], values["topk_ids"], values["topk_logprobs"])
 
-    def add_classification(self, example_ids: np.ndarray, logits: np.ndarray, gold: np.ndarray | None = None,
-                           cls: np.ndarray | None = None) -> None:
+    def add_classification(
+        self, example_ids: np.ndarray, logits: np.ndarray, gold: np.ndarray | None = None, cls: np.ndarray | None = None
+    ) -> None:
         """`cls` [n, L, H]: the teacher's [CLS] vectors after the store's `cls_layers` (required exactly then)."""
         if self.kind != "classification":
             raise ValueError(f"add_classification on a {self.kind} writer")
@@ -152,8 +169,9 @@ class SoftLabelWriter:
         values = logits.astype(FP16)
         bad = ~np.isfinite(values).all(axis=1)
         if bad.any():
-            raise UserError(f"teacher logits are NaN/inf or beyond the fp16 range for example id(s) "
-                            f"{ids[bad][:5].tolist()}")
+            raise UserError(
+                f"teacher logits are NaN/inf or beyond the fp16 range for example id(s) {ids[bad][:5].tolist()}"
+            )
         if gold is None:
             labels = np.full(n, -1, dtype=self.gold_dtype)
         else:
@@ -172,43 +190,68 @@ class SoftLabelWriter:
             with np.errstate(over="ignore"):  # beyond fp16's range becomes inf, refused just below
                 extra["cls"] = np.asarray(cls).astype(FP16).reshape(n, -1)  # binfile is 2-D: [n, L*H]
             if not np.isfinite(extra["cls"]).all():
-                raise UserError(f"teacher [CLS] states are NaN/inf or beyond the fp16 range for example id(s) "
-                                f"{ids[~np.isfinite(extra['cls']).all(axis=1)][:5].tolist()}")
+                raise UserError(
+                    f"teacher [CLS] states are NaN/inf or beyond the fp16 range for example id(s) "
+                    f"{ids[~np.isfinite(extra['cls']).all(axis=1)][:5].tolist()}"
+                )
         self._add({"ids": ids, "gold": labels, "logits": values, **extra})
 
-    def add_mlm(self, example_ids: np.ndarray, token_ids: list[np.ndarray], topk_ids: list[np.ndarray],
-                topk_logprobs: list[np.ndarray]) -> None:
+    def add_mlm(
+        self,
+        example_ids: np.ndarray,
+        token_ids: list[np.ndarray],
+        topk_ids: list[np.ndarray],
+        topk_logprobs: list[np.ndarray],
+    ) -> None:
         if self.kind != "mlm":
             raise ValueError(f"add_mlm on a {self.kind} writer")
         ids = self._ids(example_ids)
         n, k, vocab = ids.size, self.settings["k"], self.settings["vocab_size"]
         if not len(token_ids) == len(topk_ids) == len(topk_logprobs) == n:
-            raise ValueError(f"{n} example ids but {len(token_ids)}/{len(topk_ids)}/{len(topk_logprobs)} "
-                             "token/top-k id/top-k log-prob arrays")
+            raise ValueError(
+                f"{n} example ids but {len(token_ids)}/{len(topk_ids)}/{len(topk_logprobs)} "
+                "token/top-k id/top-k log-prob arrays"
+            )
         lengths = np.array([np.asarray(t).size for t in token_ids], dtype=np.int64)
         for i in range(n):
             shape = (int(lengths[i]), k)
             if np.ndim(token_ids[i]) != 1 or np.shape(topk_ids[i]) != shape or np.shape(topk_logprobs[i]) != shape:
-                raise ValueError(f"example {int(ids[i])}: token ids {np.shape(token_ids[i])}, top-k ids "
-                                 f"{np.shape(topk_ids[i])}, top-k log-probs {np.shape(topk_logprobs[i])}; "
-                                 f"expected [L], [L, {k}], [L, {k}]")
-        tokens = np.concatenate([np.asarray(t, dtype=np.int64).reshape(-1) for t in token_ids]) if n else \
-            np.zeros(0, np.int64)
-        top = np.concatenate([np.asarray(t, dtype=np.int64).reshape(-1, k) for t in topk_ids]) if n else \
-            np.zeros((0, k), np.int64)
-        lp = np.concatenate([np.asarray(t, dtype=np.float64).reshape(-1, k) for t in topk_logprobs]) if n else \
-            np.zeros((0, k), np.float64)
+                raise ValueError(
+                    f"example {int(ids[i])}: token ids {np.shape(token_ids[i])}, top-k ids "
+                    f"{np.shape(topk_ids[i])}, top-k log-probs {np.shape(topk_logprobs[i])}; "
+                    f"expected [L], [L, {k}], [L, {k}]"
+                )
+        tokens = (
+            np.concatenate([np.asarray(t, dtype=np.int64).reshape(-1) for t in token_ids])
+            if n
+            else np.zeros(0, np.int64)
+        )
+        top = (
+            np.concatenate([np.asarray(t, dtype=np.int64).reshape(-1, k) for t in topk_ids])
+            if n
+            else np.zeros((0, k), np.int64)
+        )
+        lp = (
+            np.concatenate([np.asarray(t, dtype=np.float64).reshape(-1, k) for t in topk_logprobs])
+            if n
+            else np.zeros((0, k), np.float64)
+        )
         for what, arr in (("token", tokens), ("top-k", top)):
             if arr.size and (arr.min() < 0 or arr.max() >= vocab):
                 raise ValueError(f"{what} ids outside [0, {vocab})")
         if np.isnan(lp).any() or (lp.size and lp.max() > LOGPROB_TOL):
-            raise UserError(f"teacher top-k log-probabilities are NaN or positive for example id(s) "
-                            f"{ids[:5].tolist()}...")
-        self._add({"ids": ids, "lengths": lengths}, {
-            "tokens": tokens.astype(self.tok_dtype), "topk_ids": top.astype(self.tok_dtype),
-            # -inf (and anything below fp16's range) becomes fp16's most negative value
-            "topk_logprobs": np.maximum(lp, FP16_MIN).astype(FP16),
-        })
+            raise UserError(
+                f"teacher top-k log-probabilities are NaN or positive for example id(s) {ids[:5].tolist()}..."
+            )
+        self._add(
+            {"ids": ids, "lengths": lengths},
+            {
+                "tokens": tokens.astype(self.tok_dtype),
+                "topk_ids": top.astype(self.tok_dtype),
+                # -inf (and anything below fp16's range) becomes fp16's most negative value
+                "topk_logprobs": np.maximum(lp, FP16_MIN).astype(FP16),
+            },
+        )
 
     def close(self) -> list[dict]:
         """Publish the buffered tail as a last (shorter) part; returns all finished parts of this writer."""
@@ -261,7 +304,7 @@ class SoftLabelWriter:
                 elif role.rows == "position":
                     arrays[role.name] = buf[role.name][a:b]
                 else:  # the offsets
-                    offsets = pos_off[start:end + 1] - a
+                    offsets = pos_off[start : end + 1] - a
                     arrays[role.name] = offsets.astype(index_dtype(int(offsets[-1])))
                     extra = {"positions": b - a}
             arrays["ids"] = arrays["ids"].astype(index_dtype(int(arrays["ids"].max())))
@@ -278,9 +321,18 @@ class SoftLabelWriter:
         stem = part_stem(self.writer_id, part)
         files = {role: write_role(self.directory / f"{stem}.{role}.bin", arr) for role, arr in arrays.items()}
         ids = arrays["ids"]
-        info = {"name": stem, "version": VERSION, "writer": self.writer_id, "part": part, **self.settings,
-                "examples": int(ids.size), **extra, "id_min": int(ids.min()), "id_max": int(ids.max()),
-                "files": files}
+        info = {
+            "name": stem,
+            "version": VERSION,
+            "writer": self.writer_id,
+            "part": part,
+            **self.settings,
+            "examples": int(ids.size),
+            **extra,
+            "id_min": int(ids.min()),
+            "id_max": int(ids.max()),
+            "files": files,
+        }
         atomic_write_json(self.directory / f"{stem}.json", info)  # last: marks the part finished
         self.finished.append(info)
 
