@@ -83,7 +83,7 @@ def triton_unavailable() -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "the triton package is not installed"
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (deferred: optional dependency, probed at run time)
     except Exception as e:  # a broken install must not take the reference path down with it
         return f"`import triton` failed with {type(e).__name__}: {e}"
     return None

@@ -189,3 +189,68 @@ def test_recipe_classes_import_without_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def undocumented_local_imports(source: str) -> list[tuple[int, str]]:
+    """(line, module) of each import inside a function with no comment saying why. A comment on an import's line
+    covers that import; a comment on the line just above an import covers it and the imports after it in the same
+    block (consecutive import statements, blank lines between them allowed)."""
+    lines = source.splitlines()
+
+    def has_comment(lineno: int) -> bool:
+        return 0 < lineno <= len(lines) and "#" in lines[lineno - 1]
+
+    def comment_line(lineno: int) -> bool:
+        return 0 < lineno <= len(lines) and lines[lineno - 1].lstrip().startswith("#")
+
+    found = set()
+    for fn in ast.walk(ast.parse(source)):
+        if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        for parent in ast.walk(fn):
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                statements = getattr(parent, field, None)
+                if not isinstance(statements, list):
+                    continue
+                covered = False
+                for stmt in statements:
+                    if not isinstance(stmt, ast.Import | ast.ImportFrom):
+                        covered = False
+                        continue
+                    covered = covered or comment_line(stmt.lineno - 1)
+                    if not (covered or has_comment(stmt.lineno)):
+                        name = stmt.module if isinstance(stmt, ast.ImportFrom) else stmt.names[0].name
+                        found.add((stmt.lineno, "." * getattr(stmt, "level", 0) + (name or "")))
+    return sorted(found)
+
+
+def test_function_local_imports_say_why():
+    """An import inside a function hides a cost or a circle: it stays there only with a `# deferred: why` comment
+    (heavy or optional dependency off a light path, a command's entry, or an import circle); else it goes to the top."""
+    missing = [
+        f"{path.relative_to(ROOT)}:{line} {module}"
+        for _, path in sorted(modules().items())
+        for line, module in undocumented_local_imports(path.read_text())
+    ]
+    assert missing == []
+
+
+def test_the_local_import_check_can_fail():
+    source = (
+        "import os\n"
+        "def f():\n"
+        "    import json\n"  # 3: no comment
+        "    # deferred: heavy\n"
+        "    import torch\n"
+        "\n"
+        "    from a import b\n"  # same block as torch: covered by the comment above it
+        "    x = 1\n"
+        "    from c import d\n"  # 9: a new block, no comment
+        "    if x:\n"
+        "        import e  # deferred: optional\n"
+        "    else:\n"
+        "        import g\n"  # 13
+        "    y = 2  # a comment about y, not the import\n"
+        "    import h\n"  # 15
+    )
+    assert undocumented_local_imports(source) == [(3, "json"), (9, "c"), (13, "g"), (15, "h")]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainer.engine import release_host_memory
 from trainer.errors import UserError
 from trainer.fileio import (
     TMP_SUFFIX,
@@ -175,7 +177,6 @@ def export_hf(
             hf_model.config.architectures = [type(hf_model).__name__]  # what save_pretrained records
             hf_model.config.save_pretrained(tmp)
         _stream_safetensors(hf_model, tmp / "model.safetensors", env.is_main)
-        from trainer.engine import release_host_memory
 
         release_host_memory()
     elif env.is_main:
@@ -225,8 +226,7 @@ def _stream_safetensors(hf_model: torch.nn.Module, path: Path, write: bool) -> N
     tensor's dtype, shape and byte range, then the raw bytes; the shapes are known before any gather (`ds_shape`),
     so the header goes first and each tensor's bytes follow as soon as it is gathered. Tests load the result with
     the safetensors library and compare it with `save_pretrained`'s file."""
-    import json
-
+    # deferred: deepspeed (1-3 s) only for a ZeRO-3 export
     import deepspeed
 
     entries = export_entries(hf_model)

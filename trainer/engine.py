@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from kernels import dispatch
 from trainer.assets import ds_config_dir
 from trainer.errors import UserError
 from trainer.recipes.base import EngineSection, TrainSection
@@ -183,6 +184,7 @@ def make_optimizer(model: torch.nn.Module, train: TrainSection, ds_cfg: dict[str
     kw = dict(lr=train.lr, betas=tuple(train.betas), eps=train.eps)
     offload = ds_cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
     if offload and torch.cuda.is_available():
+        # deferred: deepspeed (1-3 s) only with a CPU-offloaded optimizer
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
@@ -209,8 +211,6 @@ def lr_lambda(train: TrainSection):
 
 def configure_kernels(engine: EngineSection) -> None:
     """Apply a recipe's engine section to the kernel dispatch (the only link between recipes and kernels/)."""
-    from kernels import dispatch
-
     dispatch.configure(use_triton=engine.kernels, compile_reference=engine.compile_reference)
 
 
@@ -249,6 +249,7 @@ def partitioned_construction(ds_cfg: dict[str, Any]) -> Iterator[None]:
         yield
         return
     follow_live_memory()
+    # deferred: deepspeed (1-3 s) and its transformers hooks only under ZeRO-3
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -284,6 +285,7 @@ def initialize(
 ):
     """-> (DeepSpeed engine, resolved DeepSpeed config, batch plan). Pass `ds_cfg` from `engine_config` when the
     model was built with `build_model` (the same config must partition and train it)."""
+    # deferred: deepspeed (1-3 s) only when an engine is built (label, evaluate-mlm import this module without one)
     import deepspeed
 
     if ds_cfg is None:

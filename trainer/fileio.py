@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from trainer.errors import UserError
+
 TMP_SUFFIX = ".tmp"
 
 
@@ -84,8 +86,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:
     """Read JSON, turning a missing or corrupt file into a one-line UserError."""
-    from trainer.errors import UserError
-
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)

@@ -18,6 +18,7 @@ world size.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from trainer import preemption
 from trainer.checkpoint import Checkpointer, tag_for
 from trainer.config import dump_yaml, load_config, save_config
 from trainer.data.sampling import Cursor
-from trainer.engine import BatchPlan, build_model, engine_config, grad_norm, initialize
+from trainer.engine import BatchPlan, build_model, configure_kernels, engine_config, grad_norm, initialize
 from trainer.errors import TrainingStopped
 from trainer.launcher import DistEnv, all_reduce_sum, init_distributed, shutdown
 from trainer.models.zoo import bert_config
@@ -209,8 +210,6 @@ class Trainer:
     """The one training loop: every stage's resume, steps, budget, signals, logging, evaluation and saving."""
 
     def __init__(self, stage: Stage, env: DistEnv, where: str = "recipe"):
-        from trainer.engine import configure_kernels
-
         self.stage, self.env = stage, env
         recipe = stage.recipe
         self.train, self.run, self.debug = recipe.train, recipe.run, recipe.debug
@@ -392,8 +391,6 @@ def run_stage(recipe_cls: type, stage_cls: type[Stage], recipe_path: str, overri
 
 def log0(env: DistEnv, msg: str) -> None:
     if env.is_main:
-        import sys
-
         print(msg, file=sys.stderr, flush=True)
 
 

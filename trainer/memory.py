@@ -49,6 +49,7 @@ class ModelShape:
     @classmethod
     def of(cls, name: str, vocab_size: int | None = None) -> ModelShape:
         """Exact counts from the model built on the meta device (no memory, no weights read)."""
+        # deferred: torch/transformers only for exact counts; the planner is torch-free (plan-memory, check)
         import torch
         from transformers import BertForMaskedLM
 
@@ -139,6 +140,7 @@ def plan(
             states = device = 16 * psi
             source = "mixed-precision formula"
         elif stage in (1, 2):  # stage 1 runs stage 2's code path and buffers (see the module docstring)
+            # deferred: deepspeed (1-3 s) only for its ZeRO-1/2 estimate; the planner stays light
             from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
             cpu, gpu = estimate_zero2_model_states_mem_needs(
@@ -148,6 +150,7 @@ def plan(
             states = device + host
             source = "deepspeed estimate_zero2_model_states_mem_needs"
         else:
+            # deferred: deepspeed (1-3 s) only for its ZeRO-3 estimate
             from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
             cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
@@ -199,6 +202,7 @@ def format_plan(
 def tensor_storage_bytes() -> int:
     """Bytes of the unique tensor storages alive in this process (a view of a flat buffer counts once: DeepSpeed's
     parameters, gradients and partitions are views of a few flat buffers). Call between steps for model states."""
+    # deferred: torch: the probes run inside training; the planner half of this module is torch-free
     import torch
 
     gc.collect()
@@ -281,6 +285,7 @@ class Materialized:
         return {k: v / self.total for k, v in self.peaks.items()} if self.total else {}
 
     def start(self) -> Materialized:
+        # deferred: deepspeed/torch: the probes run inside training; the planner is torch-free
         import deepspeed
         import torch
         from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator

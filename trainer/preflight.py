@@ -11,6 +11,7 @@ counts parameters on the meta device).
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 from collections.abc import Sequence
@@ -99,6 +100,7 @@ def writable_parent(path: str | Path, what: str) -> None:
 
 def model(name: str, what: str, produced: Sequence[Path] = (), trained: bool = False) -> None:
     """A preset, alias or model directory (`trained`: must hold weights, e.g. a teacher)."""
+    # deferred: zoo imports transformers; preflight (check, slurm submit) stays light
     from trainer.models.zoo import resolve
 
     if _produced(Path(name), produced):
@@ -116,6 +118,7 @@ def model(name: str, what: str, produced: Sequence[Path] = (), trained: bool = F
 
 
 def task_split(task_name: str, split: str, data_root: str | None, what: str) -> None:
+    # deferred: the task readers (csv, gzip, yaml) only when a check reads a task; `check --help` stays light
     from trainer.data.tasks import resolve_task, split_path
 
     try:
@@ -151,6 +154,7 @@ def engine_fit(
     recipe: Any, model_name: str, res: Resources, where: str, seq_len: int, out: Checked, vocab_size: int | None = None
 ) -> None:
     """The recipe's ds_config and batch on `res`: batch arithmetic, precision, and the memory planner's estimate."""
+    # deferred: engine imports torch; engine and the planner only for the engine-fit check
     from trainer.engine import batch_plan, build_ds_config, load_ds_config
     from trainer.memory import ModelShape, plan
 
@@ -197,6 +201,7 @@ def engine_fit(
 # ---------------------------------------------------------------------------------------------- stages
 def _recipe(stage: str, argv: Sequence[str]):
     """The stage's own argument parser and recipe class (so check accepts exactly what the stage accepts)."""
+    # deferred: config (yaml) only when a recipe is read; `check --help` stays light
     from trainer.config import load_config
 
     name = "pretrain" if stage == "pretrain-grid" else stage
@@ -208,6 +213,7 @@ def _recipe(stage: str, argv: Sequence[str]):
 
 def grid_models(spec: str | None = None) -> list[str]:
     """The models of the pre-training grid: `spec` (comma/space separated) or the 24 students."""
+    # deferred: zoo imports transformers; preflight (check, slurm submit) stays light
     from trainer.models.zoo import STUDENT_HIDDEN, STUDENT_LAYERS
 
     if spec and spec.strip():
@@ -301,8 +307,6 @@ def check_recipe(
 
 def _corpus_shape(directory: str) -> tuple[int, int | None]:
     """(seq_len, vocab size) of a preprocessed corpus from its manifest; (128, None) when it does not exist yet."""
-    import json
-
     try:
         manifest = json.loads((Path(directory) / "manifest.json").read_text())
         return int(manifest["options"]["seq_len"]), int(manifest["tokenizer"]["vocab_size"])

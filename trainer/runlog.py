@@ -17,6 +17,8 @@ from typing import Any
 import psutil
 import torch
 
+from trainer.fileio import atomic_write_json
+
 
 class RunLogger:
     def __init__(
@@ -40,6 +42,7 @@ class RunLogger:
         if start_step:
             self.jsonl.write(json.dumps({"event": "resume", "step": start_step, "time": time.time()}) + "\n")
         if tensorboard:
+            # deferred: tensorboard (~1 s) only when TensorBoard logging is on
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1 if start_step else None)
@@ -144,8 +147,6 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, given_t
     flops = 2 * n**3 / best
     known[key] = flops
     try:
-        from trainer.fileio import atomic_write_json
-
         cache_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(cache, known)
     except OSError:

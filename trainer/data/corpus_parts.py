@@ -33,6 +33,7 @@ from pathlib import Path
 from trainer.data.indexed import FORMAT_NAME, MANIFEST, REBUILD, TOKENIZER_FILE, VERSION, TokenShards, shard_stem
 from trainer.data.preprocess import PackOptions, preprocess, run_fingerprint
 from trainer.data.text_sources import SourceSpec
+from trainer.data.tokenization import load_tokenizer, resolve_tokenizer_path, tokenizer_hash
 from trainer.errors import UserError
 from trainer.fileio import atomic_write_bytes, atomic_write_json, fsync_dir, read_json, remove_stale_tmp, tmp_name
 from trainer.jobarray import slurm_array_position
@@ -139,8 +140,6 @@ def merge(
     spec: SourceSpec, out: Path, tokenizer: str | None, opts: PackOptions, n: int, command: list[str] | None = None
 ) -> dict:
     """Merge the n finished parts of OUT into one verified corpus in OUT (idempotent)."""
-    from trainer.data.tokenization import load_tokenizer, resolve_tokenizer_path, tokenizer_hash
-
     out = Path(out)
     tok = load_tokenizer(resolve_tokenizer_path(tokenizer))
     tok_hash = tokenizer_hash(tok)

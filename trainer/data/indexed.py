@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.data.binfile import VectorWriter, read_array, read_arrays, read_manifest, token_dtype, write_arrays
+from trainer.data.tokenization import load_tokenizer, tokenizer_hash
 from trainer.errors import UserError
 from trainer.fileio import atomic_write_json, sha256_file
 
@@ -193,8 +194,6 @@ class TokenShards:
 
     def tokenizer(self):
         """The tokenizer that produced the ids, checked against the manifest's fingerprint."""
-        from trainer.data.tokenization import load_tokenizer, tokenizer_hash
-
         tok = load_tokenizer(self.directory / TOKENIZER_FILE)
         if tokenizer_hash(tok) != self.tokenizer_hash:
             raise UserError(f"{self.directory / TOKENIZER_FILE}: does not match the tokenizer hash in {MANIFEST}")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from trainer.config import load_config
 from trainer.errors import UserError
 
 SPLITS = ("train", "dev", "test")
@@ -187,8 +188,6 @@ def resolve_task(name_or_yaml_path: str | Path) -> TaskSpec:
     path = Path(text).expanduser()
     is_builtin = _ALIASES.get(_key(text), _key(text)) in BUILTIN_TASKS
     if text.endswith((".yaml", ".yml")) or (not is_builtin and path.is_file()):
-        from trainer.config import load_config
-
         return load_config(TaskSpec, path)
     return builtin_task(text)
 
@@ -418,7 +417,7 @@ def _jsonl_rows(f: io.TextIOWrapper, builder: _Builder) -> Iterator[tuple[int, d
 
 def _load_datasets(task: TaskSpec, split: str, data_root: Path | None) -> LoadedSplit:
     """Via `datasets`: a hub dataset (when reachable), or local files with the json/csv/parquet builders."""
-    import datasets  # heavy import: only when a task asks for it
+    import datasets  # deferred: datasets (seconds to import) only when a task asks for it
 
     assert task.hf_name is not None
     if split not in SPLITS:

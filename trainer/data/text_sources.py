@@ -178,6 +178,7 @@ def _jsonl_texts(path: Path, spec: SourceSpec, stats: SourceStats) -> Iterator[s
 
 
 def _hf_texts(spec: SourceSpec) -> Iterator[str]:
+    # deferred: datasets (seconds to import) only for a Hugging Face source
     import datasets
 
     name = spec.hf_dataset

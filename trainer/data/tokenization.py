@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer
+from tokenizers.implementations import BertWordPieceTokenizer
 
+from trainer.assets import minilm_dir
 from trainer.errors import UserError
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -32,8 +34,6 @@ class SpecialIds:
 
 
 def default_tokenizer_path() -> Path:
-    from trainer.assets import minilm_dir
-
     return minilm_dir() / "tokenizer.json"
 
 
@@ -55,8 +55,6 @@ def load_tokenizer(spec: str | Path | None = None, lowercase: bool = True) -> To
     path = resolve_tokenizer_path(spec)
     try:
         if path.suffix == ".txt":
-            from tokenizers.implementations import BertWordPieceTokenizer
-
             tok = BertWordPieceTokenizer(str(path), lowercase=lowercase)._tokenizer
         else:
             tok = Tokenizer.from_file(str(path))
@@ -88,6 +86,7 @@ def tokenizer_hash(tok: Tokenizer) -> str:
 
 def hf_tokenizer(tok: Tokenizer, max_length: int = 512):
     """Wrap as a transformers fast tokenizer, for `save_pretrained` next to exported models."""
+    # deferred: transformers (imports torch) only to export; tokenizing needs only `tokenizers`
     from transformers import BertTokenizerFast
 
     return BertTokenizerFast(

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Literal
 
 from trainer.config import to_dict
+from trainer.data.tasks import load_split, resolve_task, split_path
+from trainer.data.text_sources import SourceSpec, SourceStats, iter_pieces
 from trainer.fileio import sha256_file
 
 SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s+[\"'(\[]?[A-Z0-9])")
@@ -60,14 +62,10 @@ def transfer_examples(t: TransferSection) -> Iterator[tuple[str, int]]:
 
     def stream() -> Iterator[tuple[str, int]]:
         if t.task:
-            from trainer.data.tasks import load_split, resolve_task
-
             loaded = load_split(resolve_task(t.task), t.task_split, Path(t.data_root) if t.data_root else None)
             for e in loaded.examples:
                 yield from units(e.text_a, int(e.label))
         if t.files or t.hf_dataset:
-            from trainer.data.text_sources import SourceSpec, SourceStats, iter_pieces
-
             spec = SourceSpec(
                 files=[Path(f) for f in t.files],
                 doc_mode=t.doc_mode,
@@ -96,8 +94,6 @@ def transfer_fingerprint(t: TransferSection) -> str:
     key = {k: v for k, v in to_dict(t).items() if k not in ("files", "data_root")}
     key["files"] = [[Path(f).name, sha256_file(f)] for f in t.files]
     if t.task:
-        from trainer.data.tasks import resolve_task, split_path
-
         path = split_path(resolve_task(t.task), t.task_split, Path(t.data_root) if t.data_root else None)
         key["task_file"] = [path.name, sha256_file(path)]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()

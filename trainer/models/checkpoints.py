@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from trainer.errors import UserError
 from trainer.fileio import read_json
@@ -32,6 +33,7 @@ def model_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
     """Full fp32 weights of the Hugging Face model inside a checkpoint of any ZeRO stage."""
     step_dir = Path(step_dir)
     if any(step_dir.glob("zero_pp_rank_*_optim_states.pt")):
+        # deferred: deepspeed (1-3 s) only for a checkpoint with ZeRO shards
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
@@ -43,8 +45,6 @@ def model_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
 
 def to_hf_dir(step_dir: Path, dest: Path) -> Path:
     """Materialise a checkpoint as a Hugging Face directory (config, safetensors weights, tokenizer)."""
-    from safetensors.torch import save_file
-
     step_dir = Path(step_dir)
     if not (step_dir / "config.json").is_file():
         raise UserError(f"{step_dir}: checkpoint has no config.json (written by an older wellread?)")

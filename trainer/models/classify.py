@@ -23,6 +23,7 @@ from trainer.data.encoding import Encoded, collate
 from trainer.errors import UserError
 from trainer.fileio import atomic_rename_dir
 from trainer.launcher import DistEnv
+from trainer.models.checkpoints import is_checkpoint, to_hf_dir
 from trainer.models.zoo import bert_config, fresh_model, resolve
 
 CONVERTED_PREFIX = ".hf-"  # temporary Hugging Face copies of a checkpoint, beside it while ranks load them
@@ -37,8 +38,6 @@ def hf_view(spec: Path) -> Iterator[Path]:
     name (or rank 0's error) is broadcast, every rank loads inside the `with`, and after a barrier
     rank 0 deletes the copy, whether loading succeeded or not.
     """
-    from trainer.models.checkpoints import is_checkpoint, to_hf_dir
-
     if not is_checkpoint(spec):
         yield spec
         return

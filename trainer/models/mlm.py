@@ -43,6 +43,7 @@ def build_mlm(
 def register_head(module: nn.Module, hf: BertForMaskedLM) -> None:
     """ZeRO-3 must gather the tied decoder weight and bias for a forward that uses them directly."""
     try:
+        # deferred: deepspeed is optional here and only needed under ZeRO-3
         import deepspeed
     except ImportError:
         return

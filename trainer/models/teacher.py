@@ -23,9 +23,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import transformers
 
+from trainer.data.tokenization import load_tokenizer
 from trainer.errors import UserError
 from trainer.fileio import sha256_file
+from trainer.models.zoo import resolve
 
 WEIGHTS = "model.safetensors"
 MODEL_CLASSES = {"classification": "BertForSequenceClassification", "mlm": "BertForMaskedLM"}  # per store kind
@@ -46,8 +49,6 @@ def teacher_precision(dtype: torch.dtype):
 def teacher_dir(name: str, what: str) -> Path:
     """The trained model directory `name` resolves to; a preset (random weights) or a directory without
     model.safetensors is refused, naming `what` (the recipe key)."""
-    from trainer.models.zoo import resolve
-
     spec = resolve(name)
     if not isinstance(spec, Path):
         raise UserError(f"{what}: '{name}' is a preset (random weights); give a trained model directory")
@@ -77,8 +78,6 @@ class Teacher:
     def __init__(
         self, model_dir: Path, kind: str, device: torch.device | None = None, precision: torch.dtype = torch.float32
     ):
-        import transformers
-
         if kind not in MODEL_CLASSES:
             raise ValueError(f"teacher kind must be one of {list(MODEL_CLASSES)}, got {kind!r}")
         cls = getattr(transformers, MODEL_CLASSES[kind])
@@ -114,8 +113,6 @@ class Teacher:
 
     def tokenizer(self):
         """The tokenizer saved with the teacher (`tokenizers.Tokenizer`)."""
-        from trainer.data.tokenization import load_tokenizer
-
         return load_tokenizer(self.directory)
 
     # -- the forward and its views

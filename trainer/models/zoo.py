@@ -74,6 +74,7 @@ def resolve(name_or_path: str) -> Preset | Path:
         if (candidate / "config.json").is_file():
             return candidate
     if (path / "latest.json").is_file():  # a checkpoints root: its latest step
+        # deferred: checkpoints imports torch; `wellread models` and resolve() stay torch-free
         from trainer.models.checkpoints import latest
 
         return path / latest(path)["tag"]
@@ -116,11 +117,13 @@ def fresh_model(cls: type[PreTrainedModel], cfg: BertConfig, attention: str = "s
     `initialize_weights()` in the same order and tying, so the same seed gives the same weights at every stage
     (a plain `cls(cfg)` would first draw torch's default init and shift the random stream).
     """
+    # deferred: torch and transformers' modeling side only to build a model (`wellread models` is torch-free)
     import torch
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     if is_deepspeed_zero3_enabled():
         return cls._from_config(cfg, attn_implementation=attention)
+    # deferred: imports torch, as above
     from transformers.initialization import guard_torch_init_functions, no_init_weights
 
     with no_init_weights():

@@ -22,6 +22,8 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+import yaml
+
 from trainer.fileio import atomic_write_bytes
 from trainer.pipeline import cache
 from trainer.pipeline.graph import Node, stage_command
@@ -43,8 +45,6 @@ def command_of(node: Node, launcher: Sequence[str] = ()) -> list[str] | None:
 
 
 def dump_yaml_dict(recipe: dict[str, Any]) -> str:
-    import yaml
-
     return yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None)
 
 

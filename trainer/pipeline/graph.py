@@ -28,6 +28,7 @@ from typing import Any
 
 from trainer import registry
 from trainer.config import from_dict, to_dict
+from trainer.data.tasks import resolve_task, split_path
 from trainer.errors import UserError
 from trainer.pipeline.study import DISTILLED, PRETRAINED, StudentSpec, StudyRecipe, merge
 
@@ -110,8 +111,6 @@ def expand(patterns: list[str], where: str) -> list[Path]:
 
 def task_files(task_name: str, splits: Sequence[str], data_root: str | None, where: str) -> list[Path]:
     """The files of a labeled task's splits (their contents enter the cache key)."""
-    from trainer.data.tasks import resolve_task, split_path
-
     task = resolve_task(task_name)
     files = []
     if Path(task_name).is_file():
@@ -226,6 +225,7 @@ class _Builder:
         """(model path for label/PKD, deps, inputs) of the teacher for label size `size`."""
         t = self.study.teacher
         if t.model:
+            # deferred: zoo imports transformers; building the graph stays light
             from trainer.models.zoo import resolve
 
             path = resolve(t.model)
@@ -475,8 +475,8 @@ class _Builder:
 
     # -- the whole study
     def build(self) -> Graph:
+        # deferred: task_metrics imports numpy (~0.1 s); the rest of the pipeline is numpy-free
         from trainer.data.task_metrics import primary_metric
-        from trainer.data.tasks import resolve_task
 
         self.metric = primary_metric(resolve_task(self.s.task))
         methods, sizes, seeds = self.s.methods, self.s.label_sizes, self.s.seeds

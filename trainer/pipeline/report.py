@@ -291,9 +291,11 @@ def fmt_time(seconds: float | None) -> str:
 def plot(results: dict[str, Any], path: Path) -> None:
     """Bars: the metric per method, grouped by student (in the study's order), error bars = std over seeds,
     each seed a dot, the teacher a dashed line; one panel per label size. Written atomically."""
+    # deferred: matplotlib (~1 s) only when plotting
     import matplotlib
 
     matplotlib.use("Agg")
+    # deferred: pyplot only after the Agg backend is chosen
     import matplotlib.pyplot as plt
 
     sizes, methods = results["label_sizes"], results["methods"]

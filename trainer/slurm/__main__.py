@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from pathlib import Path
 
 from trainer.errors import UserError
 from trainer.registry import run_main
@@ -19,8 +20,7 @@ from trainer.registry import run_main
 def grid_task(argv: list[str]) -> int:
     """Print the overrides (one per line) that make array task $SLURM_ARRAY_TASK_ID pre-train its grid model:
     model.name=MODEL and run.out_dir=OUT/MODEL, OUT being the recipe's run.out_dir."""
-    from pathlib import Path
-
+    # deferred: subcommand entry: each subcommand imports only its own machinery
     from trainer.config import load_config
     from trainer.preflight import grid_models
     from trainer.recipes.pretrain import PretrainRecipe
@@ -53,14 +53,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     command, rest = argv[0], argv[1:]
     if command == "submit":
+        # deferred: subcommand entry: each subcommand imports only its own machinery
         from trainer.slurm.sbatch import submit_main
 
         return run_main(submit_main, rest)
     if command == "pipeline":
+        # deferred: subcommand entry
         from trainer.slurm.pipeline import pipeline_main
 
         return run_main(pipeline_main, rest)
     if command == "run-node":
+        # deferred: subcommand entry
         from trainer.slurm.job import run_node_main
 
         return run_main(run_node_main, rest)

@@ -28,6 +28,7 @@ from trainer.errors import UserError
 from trainer.pipeline import cache
 from trainer.pipeline.execute import Step, command_of, wait
 from trainer.pipeline.graph import Node
+from trainer.pipeline.report import write_report
 from trainer.preemption import EXIT_RESUMABLE
 from trainer.slurm.plan import FINISH_MODES, STAGE_MODES, Group, node_from
 
@@ -114,8 +115,6 @@ def job_command(node: Node, group: Group, task: int, record: dict[str, Any]) -> 
 
 def report_main(out_dir: str) -> int:
     """The report group: results.md / results.json / results.png of the study (trainer/pipeline/report.py)."""
-    from trainer.pipeline.report import write_report
-
     paths = write_report(Path(out_dir))
     print(paths.table)
     print(

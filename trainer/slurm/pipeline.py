@@ -39,9 +39,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from trainer import registry
+from trainer.config import from_dict
 from trainer.errors import UserError
 from trainer.fileio import atomic_write_json
+from trainer.pipeline.graph import build_graph
+from trainer.pipeline.runner import plan, write_plan_record
+from trainer.pipeline.study import load_study
+from trainer.preflight import Checked, check_evaluate, check_recipe, check_stage
 from trainer.slurm.plan import Group, node_record
+from trainer.slurm.sbatch import SLURM_DIR, directives, parse_options, resources, sbatch
 
 ORDER = (
     "preprocess",
@@ -187,10 +193,6 @@ def group_options(group: Group, opts: Options) -> list[str]:
 
 def check_group(graph, group: Group, opts: Options, produced: list[Path], slurm_dir: Path) -> list[str]:
     """`wellread check` of every node of a group, on the resources its job will have."""
-    from trainer.config import from_dict
-    from trainer.preflight import Checked, check_evaluate, check_recipe, check_stage
-    from trainer.slurm.sbatch import directives, parse_options, resources
-
     script_opts, _ = parse_options(directives(slurm_dir / group.script))
     cli_opts, _ = parse_options(group_options(group, opts))
     res = resources({**script_opts, **cli_opts}, opts.gpu_mem)
@@ -216,11 +218,6 @@ def _evaluate_args(args: list[str]) -> argparse.Namespace:
 
 def submit(opts: Options, stream=sys.stdout) -> list[Group]:
     """Build the study's graph, check it, write the plan and submit its jobs; -> the groups (with job ids)."""
-    from trainer.pipeline.graph import build_graph
-    from trainer.pipeline.runner import plan, write_plan_record
-    from trainer.pipeline.study import load_study
-    from trainer.slurm.sbatch import SLURM_DIR, sbatch
-
     study, students = load_study(opts.recipe, opts.overrides)
     graph = build_graph(study, students, opts.recipe)
     rows = plan(graph)

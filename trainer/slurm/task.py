@@ -15,12 +15,11 @@ import os
 import sys
 from pathlib import Path
 
+from trainer.cli import main as cli_main
 from trainer.preemption import EXIT_RESUMABLE
 
 
 def main(argv: list[str]) -> int:
-    from trainer.cli import main as cli_main
-
     if argv[:2] == ["-m", "trainer.cli"]:  # the pipeline's stage_command puts the module after the launcher
         argv = argv[2:]
     rc = cli_main(argv)

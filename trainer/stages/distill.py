@@ -40,16 +40,22 @@ import torch
 
 from trainer.config import from_dict
 from trainer.data.encoding import Encoded, collate, encode, load_task_data
+from trainer.data.indexed import TokenShards
+from trainer.data.masking import MaskSpec, mlm_batch
 from trainer.data.sampling import BatchOrder, StoreSampler
 from trainer.data.softlabels import SoftLabelStore
+from trainer.data.task_metrics import compute_metrics
 from trainer.data.tasks import Example, resolve_task
 from trainer.data.tokenization import hf_tokenizer, load_tokenizer, special_ids, tokenizer_hash
 from trainer.data.transfer import TransferSection, transfer_examples, transfer_fingerprint
+from trainer.engine import load_ds_config, precision
 from trainer.errors import UserError
 from trainer.fileio import atomic_write_json
 from trainer.launcher import DistEnv
 from trainer.loop import Stage, Trainer, run_stage
+from trainer.models.distillation import HiddenProjection, pkd_layer_map
 from trainer.models.teacher import Teacher, teacher_dir
+from trainer.models.zoo import resolve
 from trainer.recipes.distill import DistillRecipe
 from trainer.registry import add_recipe_arguments
 
@@ -87,8 +93,6 @@ class DistillStage(Stage):
         raise NotImplementedError
 
     def _student_tokenizer(self):
-        from trainer.models.zoo import resolve
-
         spec = resolve(self.recipe.model.name)
         tok = (
             load_tokenizer(spec / "tokenizer.json")
@@ -112,8 +116,6 @@ class DistillStage(Stage):
     def _load_teacher(self) -> Teacher:
         """The online teacher in the engine's precision, checked against the student's tokenizer and the store's
         teacher."""
-        from trainer.engine import load_ds_config, precision
-
         spec = teacher_dir(self.recipe.teacher.model, "teacher.model")
         teacher = Teacher(spec, self.kind, precision=precision(load_ds_config(self.recipe.engine.ds_config)[0]))
         if tokenizer_hash(teacher.tokenizer()) != self.source["tokenizer_hash"]:
@@ -201,6 +203,7 @@ class ClassifierDistill(DistillStage):
         return t, examples
 
     def build_distiller(self, where: str) -> torch.nn.Module:
+        # deferred: classify and distiller import transformers' BERT modeling (~1.5 s); `distill --help` does not
         from trainer.models.classify import load_classifier
         from trainer.models.distiller import ClassifierDistiller
 
@@ -226,8 +229,6 @@ class ClassifierDistill(DistillStage):
 
     def _patient_kd(self, where: str) -> list[int]:
         """The PKD layer map (student layers returned); the teacher's states come online, else from the store."""
-        from trainer.models.distillation import pkd_layer_map
-
         loss = self.recipe.loss
         stored = self.store.cls_layers if self.store is not None else []
         if self.teacher is None and not stored:
@@ -296,8 +297,7 @@ class ClassifierDistill(DistillStage):
     def evaluate(self, trainer: Trainer) -> dict[str, float] | None:
         if self.eval_enc is None:
             return None
-        from trainer.data.task_metrics import compute_metrics
-        from trainer.models.classify import predict
+        from trainer.models.classify import predict  # deferred: transformers' BERT modeling, as in build_distiller
 
         logits = predict(
             trainer.engine.module, self.eval_enc, trainer.env, self.recipe.data.eval_batch_size, self.pad_id
@@ -314,9 +314,7 @@ class MLMDistill(DistillStage):
     eval_prefix = "eval"
 
     def build_distiller(self, where: str) -> torch.nn.Module:
-        from trainer.data.indexed import TokenShards
-        from trainer.data.masking import MaskSpec
-        from trainer.models.distillation import HiddenProjection
+        # deferred: distiller and mlm import transformers' BERT modeling (~1.5 s); `distill --help` does not
         from trainer.models.distiller import MLMDistiller
         from trainer.models.mlm import build_mlm
 
@@ -385,8 +383,6 @@ class MLMDistill(DistillStage):
 
     def _online_batch(self, idx: np.ndarray, weight: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
         """Corpus sequences masked for (seed, epoch, index), the teacher's logits at the KD positions."""
-        from trainer.data.masking import mlm_batch
-
         seed, loss = self.recipe.train.seed, self.recipe.loss
         batch = mlm_batch(
             [self.corpus[int(i)] for i in idx], [(seed, epoch, int(i)) for i in idx], self.spec, self.special
@@ -418,7 +414,7 @@ class MLMDistill(DistillStage):
     def evaluate(self, trainer: Trainer) -> dict[str, float] | None:
         if self.eval_corpus is None:
             return None
-        from trainer.models.mlm import evaluate_mlm
+        from trainer.models.mlm import evaluate_mlm  # deferred: transformers' BERT modeling, as in build_distiller
 
         spec = dataclasses.replace(self.spec, mask_prob=0.15)
         return evaluate_mlm(

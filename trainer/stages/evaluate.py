@@ -10,6 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
+from trainer.data.tasks import resolve_task
 from trainer.errors import UserError
 from trainer.fileio import atomic_write_json
 from trainer.launcher import init_distributed, shutdown
@@ -28,11 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    # deferred: command entry: torch/transformers load only when `wellread evaluate` runs
     from transformers import BertForSequenceClassification
 
     from trainer.data.encoding import load_task_data
     from trainer.data.task_metrics import compute_metrics
-    from trainer.data.tasks import resolve_task
     from trainer.data.tokenization import load_tokenizer, special_ids
     from trainer.models.classify import Classifier, predict
     from trainer.models.zoo import resolve

@@ -13,12 +13,17 @@ import tempfile
 from pathlib import Path
 
 import torch
+from transformers import BertForMaskedLM
 
 from trainer.data.indexed import MANIFEST, TokenShards
 from trainer.data.masking import MaskSpec
+from trainer.data.preprocess import PackOptions, preprocess
+from trainer.data.text_sources import SourceSpec
+from trainer.data.tokenization import load_tokenizer, special_ids, tokenizer_hash
 from trainer.errors import UserError
+from trainer.fileio import atomic_write_json
 from trainer.launcher import DistEnv
-from trainer.models.mlm import evaluate_mlm
+from trainer.models.mlm import SparseMLM, evaluate_mlm
 
 
 def _model_dir(path: Path) -> Path:
@@ -31,8 +36,6 @@ def _model_dir(path: Path) -> Path:
 def _corpus(data: list[str], model_dir: Path, seq_len: int, workdir: Path) -> TokenShards:
     if len(data) == 1 and (Path(data[0]) / MANIFEST).is_file():
         return TokenShards(data[0])
-    from trainer.data.preprocess import PackOptions, preprocess
-    from trainer.data.text_sources import SourceSpec
 
     files = [Path(p) for p in data]
     wikitext = any("wiki" in p.name and ".tokens" in p.name for p in files)
@@ -54,11 +57,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from transformers import BertForMaskedLM
-
-    from trainer.data.tokenization import load_tokenizer, special_ids, tokenizer_hash
-    from trainer.models.mlm import SparseMLM
-
     model_dir = _model_dir(Path(args.model))
     tok = load_tokenizer(model_dir)
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,7 +70,5 @@ def main(args: argparse.Namespace) -> int:
     metrics = {"model": str(model_dir), "data": args.data, "seq_len": args.seq_len, "seed": args.seed, **metrics}
     print(json.dumps(metrics, indent=2))
     if args.out:
-        from trainer.fileio import atomic_write_json
-
         atomic_write_json(args.out, metrics)
     return 0

@@ -22,14 +22,13 @@ from trainer.data.tokenization import hf_tokenizer, load_tokenizer, special_ids
 from trainer.launcher import DistEnv
 from trainer.loop import Stage, Trainer, run_stage
 from trainer.models.classify import Classifier, load_classifier, predict
+from trainer.models.zoo import resolve
 from trainer.recipes.finetune import FinetuneRecipe
 from trainer.registry import add_recipe_arguments
 
 
 def tokenizer_for(model_name: str):
     """The tokenizer stored with the initial model, else the default uncased BERT vocab."""
-    from trainer.models.zoo import resolve
-
     spec = resolve(model_name)
     if isinstance(spec, Path) and (spec / "tokenizer.json").is_file():
         return load_tokenizer(spec / "tokenizer.json")

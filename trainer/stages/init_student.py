@@ -45,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def parse_layers(text: str | None, teacher_layers: int) -> list[int]:
     """The layer list, validated: integers in range, strictly increasing (so no duplicates), non-empty."""
+    # deferred: distillation imports torch; `init-student --help` stays torch-free
     from trainer.models.distillation import distilbert_layers
 
     if text is None:
@@ -67,6 +68,7 @@ def parse_layers(text: str | None, teacher_layers: int) -> list[int]:
 
 def teacher_tensors(model_dir: Path) -> tuple[Path, dict]:
     """The teacher's tensors by BertModel-relative name (`encoder.layer.0...`, `cls.predictions...`)."""
+    # deferred: safetensors.torch imports torch
     from safetensors.torch import load_file
 
     path = model_dir / "model.safetensors"
@@ -90,6 +92,7 @@ def teacher_key(student_key: str, layers: list[int]) -> str:
 
 def build_student(model_dir: Path, layers: list[int], seed: int = 0):
     """(BertForMaskedLM student, names of head tensors that were freshly initialised)."""
+    # deferred: torch/transformers only when building the student
     import torch
     from transformers import BertForMaskedLM
 
@@ -134,6 +137,7 @@ def build_student(model_dir: Path, layers: list[int], seed: int = 0):
 
 
 def main(args: argparse.Namespace) -> int:
+    # deferred: command entry: torch/transformers load only when `wellread init-student` runs
     from trainer.checkpoint import publish_dir
     from trainer.models.zoo import bert_config, resolve
 

@@ -21,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from trainer.config import dump_yaml, load_config, to_dict
+from trainer.data.masking import MaskSpec, mask_one
 from trainer.data.softlabels import MANIFEST, SoftLabelWriter, finalize, finished_parts, make_writer_id
 from trainer.data.softlabels.format import labeled_roles, position_roles
 from trainer.data.tokenization import load_tokenizer, special_ids, tokenizer_hash
@@ -115,7 +117,6 @@ def label(recipe: LabelRecipe, shard: int, num_shards: int, env: DistEnv, comman
         f"labeling {total:,} transfer examples with {model_dir} ({o.kind}); job shard {shard}/{num_shards}, "
         f"{env.world_size} rank(s); this writer: {len(mine):,}, {writer.examples_done:,} already done",
     )
-    from trainer.data.masking import MaskSpec, mask_one
 
     mask_spec = MaskSpec(vocab_size=teacher.vocab_size, specials=specials, mask_prob=o.mask_prob or 0.15)
     special = mask_spec.special_table()
@@ -205,7 +206,6 @@ def _all_parts(out: Path) -> list[dict]:
 def _progress(total: int, env: DistEnv):
     if not env.is_main or total == 0:
         return None
-    from tqdm import tqdm
 
     return tqdm(total=total, unit="ex", desc="label", file=sys.stderr, mininterval=1.0)
 

@@ -24,10 +24,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.slurm:
+        # deferred: command entry: Slurm submission machinery only with --slurm
         from trainer.slurm.pipeline import Options, submit
 
         submit(Options(args.recipe, list(args.overrides), dry_run=args.dry_run))
         return 0
+    # deferred: command entry: pipeline machinery only when `wellread pipeline` runs
     from trainer.pipeline.graph import build_graph
     from trainer.pipeline.runner import run_graph
     from trainer.pipeline.study import load_study

@@ -30,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _from_recipe(path: str) -> dict:
     """model, micro batch and the ds_config's stage / offload / precision, read from a recipe YAML."""
+    # deferred: yaml and the engine (torch) only when planning from a recipe
     import yaml
 
     from trainer.engine import load_ds_config, precision, zero_stage
@@ -58,6 +59,7 @@ def _from_recipe(path: str) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
+    # deferred: command entry; the planner loads only when `wellread plan-memory` runs (keeps its --help fast)
     from trainer.memory import ModelShape, as_dict, format_plan, plan
 
     recipe = _from_recipe(args.recipe) if args.recipe else {}

@@ -20,9 +20,11 @@ into OUT (every part verified, shards renamed in order, one manifest with every 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from trainer.data import corpus_parts as cp
 from trainer.data.preprocess import PackOptions, preprocess
 from trainer.data.text_sources import SourceSpec
 from trainer.errors import UserError
@@ -106,10 +108,6 @@ def main(args: argparse.Namespace, command: list[str] | None = None) -> int:
 
 def in_parts(args: argparse.Namespace, spec: SourceSpec, opts: PackOptions, command: list[str]) -> dict | None:
     """This task's share (then the merge, if it finished last), or only the merge; -> the merged manifest or None."""
-    import os
-
-    from trainer.data import corpus_parts as cp
-
     if args.slurm_array:
         if args.task_index is not None or args.num_tasks is not None:
             raise UserError("--slurm-array takes --task-index and --num-tasks from the array; give one or the other")

@@ -11,6 +11,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    # deferred: command entry: report machinery only when `wellread report` runs
     from trainer.pipeline.report import write_report
 
     paths = write_report(Path(args.study_dir))
