@@ -7,6 +7,7 @@ the 128 x 30522 projection costs ~10x the two transformer layers). The wrapped m
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -89,13 +90,22 @@ class SparseMLM(nn.Module):
 # ---------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate_mlm(
-    model, corpus: TokenShards, spec: MaskSpec, env: DistEnv, batch_size: int, max_sequences: int | None, seed: int
+    model,
+    corpus: TokenShards,
+    spec: MaskSpec,
+    env: DistEnv,
+    batch_size: int,
+    max_sequences: int | None,
+    seed: int,
+    mask_prob: float | None = None,
 ) -> dict[str, float]:
     """Masked-token loss and accuracy with fixed masks (seeded per example), so numbers compare across runs.
 
     Every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively); surplus slots are
     filled with a batch whose results are ignored.
     """
+    if mask_prob is not None:  # evaluation masks at BERT's 15% whatever the training rate
+        spec = dataclasses.replace(spec, mask_prob=mask_prob)
     n = len(corpus) if max_sequences is None else min(len(corpus), max_sequences)
     special = spec.special_table()
     batches = [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]

@@ -31,7 +31,6 @@ See trainer/models/distillation.py for the conventions of each term and how to t
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -416,16 +415,8 @@ class MLMDistill(DistillStage):
             return None
         from trainer.models.mlm import evaluate_mlm  # deferred: transformers' BERT modeling, as in build_distiller
 
-        spec = dataclasses.replace(self.spec, mask_prob=0.15)
-        return evaluate_mlm(
-            trainer.engine,
-            self.eval_corpus,
-            spec,
-            trainer.env,
-            self.recipe.train.micro_batch,
-            self.recipe.data.eval_max_sequences,
-            1234,
-        )
+        batch, most = self.recipe.train.micro_batch, self.recipe.data.eval_max_sequences
+        return evaluate_mlm(trainer.engine, self.eval_corpus, self.spec, trainer.env, batch, most, 1234, mask_prob=0.15)
 
 
 STAGES: dict[str, type[DistillStage]] = {"classification": ClassifierDistill, "mlm": MLMDistill}

@@ -15,11 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="study recipe (YAML; see recipes/demo_study.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the study recipe, e.g. study.seeds=[1,2,3]")
     p.add_argument("--dry-run", action="store_true", help="print what would run and what is cached, run nothing")
-    p.add_argument(
-        "--slurm",
-        action="store_true",
-        help="submit the study as Slurm jobs (as slurm/submit_pipeline.sh, which takes more options)",
-    )
+    p.add_argument("--slurm", action="store_true", help="submit it as Slurm jobs (slurm/submit_pipeline.sh has more)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -59,11 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--text-field", default="text", help="text field of JSONL records / dataset rows")
     p.add_argument("--strip-gutenberg", action="store_true", help="keep only the text between the PG markers")
-    p.add_argument(
-        "--wikitext",
-        action="store_true",
-        help="undo WikiText tokenization (' @-@ ' -> '-', ...) and map <unk> to [UNK] (never masked)",
-    )
+    p.add_argument("--wikitext", action="store_true", help="undo WikiText's ' @-@ ' style; <unk> -> [UNK] (unmasked)")
     p.add_argument("--hf-dataset", default=None, help="a `datasets` dataset name (hub) or local data files/dir")
     p.add_argument("--hf-config", default=None)
     p.add_argument("--hf-split", default="train")
@@ -80,16 +76,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace, command: list[str] | None = None) -> int:
-    spec = SourceSpec(
-        files=list(args.inputs),
-        doc_mode=args.doc_mode,
-        text_field=args.text_field,
-        strip_gutenberg=args.strip_gutenberg,
-        wikitext=args.wikitext,
-        hf_dataset=args.hf_dataset,
-        hf_split=args.hf_split,
-        hf_config=args.hf_config,
-    )
+    # the argument names are SourceSpec's field names (`inputs` aside)
+    fields = ("doc_mode", "text_field", "strip_gutenberg", "wikitext", "hf_dataset", "hf_split", "hf_config")
+    spec = SourceSpec(files=list(args.inputs), **{f: getattr(args, f) for f in fields})
     opts = PackOptions(seq_len=args.seq_len, shard_tokens=args.shard_tokens, packing=args.packing, workers=args.workers)
     command = command or ["wellread", "preprocess", *sys.argv[2:]]
     if args.slurm_array or args.num_tasks is not None or args.merge:

@@ -8,7 +8,6 @@ masked positions of the global batch; evaluation is masked-token loss/accuracy o
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import numpy as np
 import torch
@@ -84,17 +83,9 @@ class Pretrain(Stage):
     def evaluate(self, trainer: Trainer) -> dict[str, float] | None:
         if self.eval_corpus is None:
             return None
-        data = self.recipe.data
-        spec = dataclasses.replace(self.spec, mask_prob=data.eval_mask_prob)
-        return evaluate_mlm(
-            trainer.engine,
-            self.eval_corpus,
-            spec,
-            trainer.env,
-            self.recipe.train.micro_batch,
-            data.eval_max_sequences,
-            data.eval_seed,
-        )
+        data, batch = self.recipe.data, self.recipe.train.micro_batch
+        args = (self.eval_corpus, self.spec, trainer.env, batch, data.eval_max_sequences, data.eval_seed)
+        return evaluate_mlm(trainer.engine, *args, mask_prob=data.eval_mask_prob)
 
     def hf_tokenizer(self):
         return hf_tokenizer(self.tokenizer, self.corpus.seq_len)
