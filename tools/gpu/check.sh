@@ -18,7 +18,7 @@ DRY=0
 for a in "$@"; do [[ "$a" == --dry-run ]] && DRY=1; done
 
 smoke() {  # the installed stack builds, saves and reloads a BERT through wellread's model code
-  "$PY" - <<'PY' >/dev/null 2>&1
+  "$PY" - <<'PY' >/tmp/wellread-smoke.log 2>&1
 import tempfile, deepspeed, torch  # noqa: F401
 from transformers import BertForMaskedLM
 from trainer.models.mlm import build_mlm
@@ -39,10 +39,13 @@ if [[ $DRY == 0 && -d "$CARRY/wheels" ]]; then
   export PYTHONPATH="$PYTHONPATH:$SITE"  # PYTHONPATH comes before the image's site-packages
   if ! smoke; then
     fallback=("$CARRY"/wheels/fallback/*.whl)
-    echo "gpu-check: the installed transformers does not work with wellread; installing the pinned one" >&2
+    echo "gpu-check: the installed stack does not build a BERT through wellread (last lines below); installing" \
+      "the pinned transformers" >&2
+    tail -5 /tmp/wellread-smoke.log >&2
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
       "${fallback[@]}" || { echo "gpu-check: installing the pinned transformers failed" >&2; exit 2; }
-    smoke || { echo "gpu-check: wellread cannot build a BERT even with the pinned transformers" >&2; exit 2; }
+    smoke || { echo "gpu-check: wellread cannot build a BERT even with the pinned transformers:" >&2
+               tail -20 /tmp/wellread-smoke.log >&2; exit 2; }
   fi
 fi
 exec "$PY" tools/gpu/check.py --carry "$CARRY" "$@"
