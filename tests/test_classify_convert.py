@@ -16,13 +16,13 @@ from distributed import env_for, free_port
 SCRIPT = """
 import json, sys
 import torch
-import trainer.checkpoint as ck
+import trainer.models.classify as cl
 from trainer.launcher import init_distributed, shutdown
 from trainer.models.classify import load_classifier
 
 calls = []
-real = ck.to_hf_dir
-ck.to_hf_dir = lambda *a, **k: calls.append(str(a[1])) or real(*a, **k)
+real = cl.to_hf_dir  # the name load_classifier calls (trainer/models/checkpoints.py's, imported there)
+cl.to_hf_dir = lambda *a, **k: calls.append(str(a[1])) or real(*a, **k)
 env = init_distributed()
 try:
     model = load_classifier(sys.argv[1], 2, vocab_size=int(sys.argv[3]))
