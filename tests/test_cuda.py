@@ -14,18 +14,16 @@ import copy
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEMO_BOOKS, ROOT, run_cli
+from conftest import DEMO_BOOKS, run_cli
+from test_kernels_triton import run_kernel_suite
 
 pytestmark = pytest.mark.cuda
 
-SUITE = ROOT / "tests" / "interpreted_kernel_checks.py"
 V = 30522  # BERT's vocabulary: not a multiple of any block
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
@@ -124,24 +122,7 @@ def test_kernel_suite_compiled_on_gpu():
     interpreted-or-compiled at import).  Fails if any of it fails or is skipped."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["WELLREAD_KERNEL_DEVICE"] = "cuda"
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        str(SUITE),
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        "-m",
-        "slow or not slow",
-        "-W",
-        "error::RuntimeWarning",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-    print(summary)
-    assert proc.returncode == 0, f"GPU kernel suite failed:\n{proc.stdout[-20000:]}\n{proc.stderr[-5000:]}"
-    assert " passed" in summary and "skipped" not in summary and "deselected" not in summary, summary
+    run_kernel_suite(env, "GPU kernel suite")
 
 
 # ----------------------------------------------------------------------------- the dispatch on CUDA

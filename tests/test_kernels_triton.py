@@ -25,21 +25,16 @@ def test_triton_kernels_match_reference_under_interpreter():
         pytest.skip("TRITON_INTERPRET is already set: the interpreted suite runs in this process")
     env = dict(os.environ, TRITON_INTERPRET="1")
     env.pop("WELLREAD_KERNEL_DEVICE", None)  # the CUDA mode of the same suite is tests/test_cuda.py's
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        str(SUITE),
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        "-m",
-        "slow or not slow",
-        "-W",
-        "error::RuntimeWarning",
-    ]
+    run_kernel_suite(env, "interpreted suite")
+
+
+def run_kernel_suite(env: dict[str, str], what: str) -> None:
+    """tests/interpreted_kernel_checks.py in a fresh interpreter with `env` (interpreted on CPU, or compiled on
+    CUDA with WELLREAD_KERNEL_DEVICE=cuda); fails if any check fails, is skipped or is deselected."""
+    cmd = [sys.executable, "-m", "pytest", str(SUITE), "-q", "-p", "no:cacheprovider", "-m", "slow or not slow"]
+    cmd += ["-W", "error::RuntimeWarning"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     print(summary)
-    assert proc.returncode == 0, f"interpreted suite failed:\n{proc.stdout[-20000:]}\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, f"{what} failed:\n{proc.stdout[-20000:]}\n{proc.stderr[-5000:]}"
     assert " passed" in summary and "skipped" not in summary and "deselected" not in summary, summary
