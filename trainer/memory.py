@@ -263,6 +263,7 @@ class Materialized:
     _handles: list = field(default_factory=list)
     _restore: list = field(default_factory=list)
     _stop: threading.Event | None = None
+    _thread: threading.Thread | None = None
 
     def current(self) -> int:
         return sum(p.data.numel() for p in list(self._params.values()) if not p.is_meta)
@@ -328,7 +329,8 @@ class Materialized:
                 with contextlib.suppress(RuntimeError):  # the set changed size while a build adds parameters
                     self.sample()
 
-        threading.Thread(target=sampler, daemon=True, name="materialized-sampler").start()
+        self._thread = threading.Thread(target=sampler, daemon=True, name="materialized-sampler")
+        self._thread.start()
         return self
 
     def watch(self, model) -> None:
@@ -338,8 +340,13 @@ class Materialized:
         self.total = sum(getattr(p, "ds_numel", p.numel()) for p in unique.values())
 
     def stop(self) -> dict[str, Any]:
+        # Joined, not only signalled: a sampler still reading `p.data` while the process group and the interpreter
+        # tear down aborted a CI run ("terminate called without an active exception").
         if self._stop is not None:
             self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
         for handle in self._handles:
             handle.remove()
         for owner, name, original in self._restore:
