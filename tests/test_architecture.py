@@ -29,6 +29,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
             "trainer.assets",
             "trainer.jobarray",
             "trainer.registry",
+            "trainer.runlock",
         ),
     ),
     ("data", ("trainer.data",)),

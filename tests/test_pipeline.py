@@ -7,7 +7,6 @@ mean nothing, what is tested is the graph, the cache, resume and the report's ar
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import json
 import os
@@ -289,10 +288,13 @@ def test_killed_pipeline_continues_where_it_stopped(tmp_path):
         time.sleep(0.5)
     import psutil
 
-    for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()  # the pipeline and its stage at once, as a lost node would
+    stages = psutil.Process(proc.pid).children(recursive=True)
+    assert stages, "the pipeline runs its stage in a child process"
+    os.kill(proc.pid, signal.SIGKILL)  # the pipeline alone, as `kill -9` would: its stage must not live on
     proc.wait()
+    gone, alive = psutil.wait_procs(stages, timeout=180)
+    assert not alive, f"stage processes outlived the killed pipeline: {[p.pid for p in alive]}"
+    assert "stop requested" in (second / "pipeline.log").read_text()  # it got SIGTERM and checkpointed
     assert not (second / "pipeline-stage.json").exists()
     again = pipeline(str(recipe))
     assert lines_with(again.stdout, "cached") == {run_id("basic", 1)}

@@ -17,9 +17,11 @@ world size.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,6 +37,7 @@ from trainer.engine import BatchPlan, build_model, configure_kernels, engine_con
 from trainer.errors import TrainingStopped
 from trainer.launcher import DistEnv, all_reduce_sum, init_distributed, shutdown
 from trainer.models.zoo import bert_config
+from trainer.runlock import RunDirBusy, RunLock
 from trainer.runlog import RunLogger, memory_mb
 
 # ---------------------------------------------------------------------------------------------- contract
@@ -380,13 +383,37 @@ def stop_reason(agreed: Agreement, env: DistEnv, step: int, max_minutes: float |
 
 
 def run_stage(recipe_cls: type, stage_cls: type[Stage], recipe_path: str, overrides: list[str]) -> int:
-    """CLI entry of a training stage: parse the recipe, join the process group, train, leave the group."""
+    """CLI entry of a training stage: parse the recipe, join the process group, lock the run directory, train,
+    leave the group."""
     recipe = load_config(recipe_cls, recipe_path, overrides)
     env = init_distributed()
     try:
-        return Trainer(stage_cls(recipe), env, where=str(recipe_path)).fit()
+        with run_dir_lock(Path(recipe.run.out_dir), env):
+            return Trainer(stage_cls(recipe), env, where=str(recipe_path)).fit()
     finally:
         shutdown()
+
+
+@contextlib.contextmanager
+def run_dir_lock(out_dir: Path, env: DistEnv, part: str | None = None) -> Iterator[None]:
+    """Rank 0 holds the run directory's lock (trainer/runlock.py; with `part`, shared with the other parts) for the
+    run's life; if another process holds it, every rank stops before anything is built (one collective), rank 0
+    with the one-line error."""
+    lock, busy = RunLock(out_dir, part=part), None
+    if env.is_main:
+        try:
+            lock.acquire()
+        except RunDirBusy as e:
+            busy = e
+    (n_busy,) = all_reduce_sum([float(busy is not None)])
+    if n_busy:
+        if busy is not None:
+            raise busy
+        raise SystemExit(RunDirBusy.exit_code)  # rank 0 says why, once
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def log0(env: DistEnv, msg: str) -> None:

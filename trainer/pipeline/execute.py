@@ -17,7 +17,10 @@ holds while it does (the Slurm job's node lock).
 
 from __future__ import annotations
 
+import functools
+import os
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -28,6 +31,7 @@ from trainer.fileio import atomic_write_bytes
 from trainer.pipeline import cache
 from trainer.pipeline.graph import Node, stage_command
 from trainer.pipeline.select import run_select
+from trainer.runlock import RunLock
 
 
 class Runner(Protocol):
@@ -65,9 +69,17 @@ class Step:
         self.t0: float | None = None
 
     def start(self) -> None:
-        cache.prepare(self.node, self.st)
-        if self.node.recipe is not None:
-            atomic_write_bytes(self.node.recipe_path, dump_yaml_dict(self.node.recipe).encode())
+        """Clear or resume the directory, never under a writer still alive (a stage of a killed pipeline that is
+        checkpointing, a twin): its run lock (trainer/runlock.py) is taken for this, exclusive when clearing, after
+        waiting up to $WELLREAD_LOCK_WAIT_S (default 120) seconds; the stage takes it again itself."""
+        wait_s = float(os.environ.get("WELLREAD_LOCK_WAIT_S", "120"))
+        say = functools.partial(print, file=sys.stderr, flush=True)
+        with RunLock(self.node.out_dir, shared=self.st.resume, command=f"wellread pipeline: {self.node.id}").acquire(
+            wait_s, on_wait=say
+        ):
+            cache.prepare(self.node, self.st)
+            if self.node.recipe is not None:
+                atomic_write_bytes(self.node.recipe_path, dump_yaml_dict(self.node.recipe).encode())
 
     def run(self) -> None:
         self.t0 = time.time()

@@ -3,13 +3,16 @@
 Each stage's output goes to its directory's `pipeline.log`; the console gets one line when a stage starts
 (or is found cached) and one when it ends, with the elapsed time and an ETA. SIGINT/SIGTERM/SIGUSR1 are
 forwarded to the running stage as SIGTERM (it checkpoints and exits), then the pipeline stops; the same
-command continues where it stopped. Each node runs through trainer/pipeline/execute.py (the step executor the
-Slurm job shares), with `LocalRunner` running its command.
+command continues where it stopped; a pipeline killed outright (SIGKILL) takes its stage with it (the stage gets
+SIGTERM from the kernel). One pipeline runs a study at a time, and every stage holds its directory's lock
+(trainer/runlock.py), so a re-run never starts a twin of a stage that still runs. Each node runs through
+trainer/pipeline/execute.py (the step executor the Slurm job shares), with `LocalRunner` running its command.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import resource
 import signal
@@ -25,8 +28,10 @@ from trainer.pipeline import cache
 from trainer.pipeline.execute import command_of, dump_yaml_dict, execute, wait
 from trainer.pipeline.graph import Graph, Node
 from trainer.pipeline.report import fmt_time, write_report
+from trainer.runlock import RunLock
 
 LOG = "pipeline.log"
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 PLAN = "study.json"
 
 
@@ -75,31 +80,37 @@ def print_plan(graph: Graph, rows: list, stream: TextIO) -> None:
 
 # ---------------------------------------------------------------------------------------------- ETA
 class Clock:
-    """Elapsed time and an ETA from the stages finished so far (this node's own last time first)."""
+    """Elapsed time and an ETA from what is known: each remaining stage's own recorded time (it ran before), else
+    the mean recorded time of stages of the same kind and student size (finished in this session or found cached
+    in this study). Stages of a kind and size never timed are not guessed from other kinds (a fine-tune says
+    nothing about a pre-training): the ETA then says how many are unknown, or gives none."""
 
     def __init__(self):
         self.t0 = time.time()
-        self.done: list[tuple[str, str, float]] = []  # (kind, student, seconds) run in this session
+        self.done: list[tuple[str, str, float]] = []  # (kind, student, seconds) of finished stages
+
+    def record(self, node: Node, seconds: float | None) -> None:
+        if seconds is not None:
+            self.done.append((node.kind, str(node.meta.get("student", "")), float(seconds)))
 
     def estimate(self, node: Node, previous: dict[str, Any] | None) -> float | None:
         if previous and previous.get("seconds") is not None:
             return float(previous["seconds"])
-        student = node.meta.get("student")
-        for match in (lambda k, s: k == node.kind and s == student, lambda k, s: k == node.kind, lambda k, s: True):
-            times = [t for k, s, t in self.done if match(k, s)]
-            if times:
-                return sum(times) / len(times)
-        return None
+        student = str(node.meta.get("student", ""))
+        times = [t for k, s, t in self.done if k == node.kind and s == student]
+        return sum(times) / len(times) if times else None
 
     def eta(self, remaining: list[tuple[Node, dict[str, Any] | None]]) -> str:
-        """Each remaining stage: its own previous time, else the mean of the finished stages of its kind (and
-        student), else of all finished stages: rough until every kind has run once."""
         if not remaining:
             return "0s"
         guesses = [self.estimate(n, p) for n, p in remaining]
-        if any(g is None for g in guesses):
-            return "?"
-        return f"~{fmt_time(sum(guesses))}"
+        known = [g for g in guesses if g is not None]
+        unknown = len(guesses) - len(known)
+        if not unknown:
+            return f"~{fmt_time(sum(known))}"
+        if not known:
+            return f"unknown ({unknown} stage(s) of kinds not timed yet)"
+        return f"more than ~{fmt_time(sum(known))} ({unknown} stage(s) of kinds not timed yet)"
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -139,13 +150,35 @@ class LocalRunner:
         with open(log, "ab") as f:
             f.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} $ {' '.join(cmd)}\n".encode())
             f.flush()
-            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=die_with_parent(os.getpid()),
+            )
         try:
             return wait(self.proc)
         finally:
             self.proc = None
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             self.cpu_seconds = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def die_with_parent(parent: int):
+    """For `preexec_fn`: the stage gets SIGTERM (it checkpoints and exits) when the pipeline dies, however it dies:
+    the stage runs in its own session (so a terminal's Ctrl-C reaches it only through our handler), and without
+    this a SIGKILLed pipeline left it running with parent 1 while a re-run started a twin. Linux
+    (prctl PR_SET_PDEATHSIG); the parent check closes the race with a parent that died before the prctl."""
+
+    def preexec() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
 
 
 def tail(path: Path, lines: int = 25) -> str:
@@ -168,13 +201,8 @@ def write_plan_record(graph: Graph, recipe_path: str) -> None:
     atomic_write_bytes(graph.out_dir / "study.yaml", dump_yaml_dict(graph.plan["study"]).encode())
 
 
-def run_graph(graph: Graph, recipe_path: str, dry_run: bool = False, stream: TextIO = sys.stdout) -> int:
-    """Run (or, with dry_run, only plan) every node of `graph`; -> exit code."""
-    rows = plan(graph)
-    print(f"study {recipe_path} -> {graph.out_dir} ({len(rows)} stages)", file=stream, flush=True)
-    if dry_run:
-        print_plan(graph, rows, stream)
-        return 0
+def run_locked(graph: Graph, recipe_path: str, rows: list, stream: TextIO) -> None:
+    """Run every node not cached, in order, then write the report (the caller holds the study's lock)."""
     write_plan_record(graph, recipe_path)
     runner, clock = LocalRunner(), Clock()
     previous = {node.id: (st.marker if st is not None else None) for node, st, _ in rows}
@@ -197,6 +225,7 @@ def run_graph(graph: Graph, recipe_path: str, dry_run: bool = False, stream: Tex
             if st.cached:
                 digests[node.id] = st.marker["output_digest"]
                 cached += 1
+                clock.record(node, st.marker.get("seconds"))
                 print(
                     f"{head}: cached ({node.kind}, took {fmt_time(st.marker.get('seconds'))} on "
                     f"{st.marker.get('finished', '?')})",
@@ -212,7 +241,7 @@ def run_graph(graph: Graph, recipe_path: str, dry_run: bool = False, stream: Tex
             marker = execute(node, st, command_of(node, graph.launcher), runner)
             digests[node.id] = marker["output_digest"]
             ran += 1
-            clock.done.append((node.kind, node.meta.get("student", ""), marker["seconds"]))
+            clock.record(node, marker["seconds"])
             remaining = [(m, previous.get(m.id)) for m in nodes[i:] if m.id in to_run]
             print(
                 f"{head}: done in {fmt_time(marker['seconds'])} | elapsed {fmt_time(time.time() - clock.t0)} "
@@ -235,4 +264,15 @@ def run_graph(graph: Graph, recipe_path: str, dry_run: bool = False, stream: Tex
         file=stream,
         flush=True,
     )
+
+
+def run_graph(graph: Graph, recipe_path: str, dry_run: bool = False, stream: TextIO = sys.stdout) -> int:
+    """Run (or, with dry_run, only plan) every node of `graph`; -> exit code."""
+    rows = plan(graph)
+    print(f"study {recipe_path} -> {graph.out_dir} ({len(rows)} stages)", file=stream, flush=True)
+    if dry_run:
+        print_plan(graph, rows, stream)
+        return 0
+    with RunLock(graph.out_dir):  # one pipeline per study: a second one stops here, naming the first
+        run_locked(graph, recipe_path, rows, stream)
     return 0

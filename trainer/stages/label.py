@@ -32,10 +32,11 @@ from trainer.data.transfer import transfer_examples, transfer_fingerprint
 from trainer.errors import UserError
 from trainer.jobarray import slurm_array_position
 from trainer.launcher import DistEnv, barrier, init_distributed, shutdown
-from trainer.loop import log0
+from trainer.loop import log0, run_dir_lock
 from trainer.models.teacher import Teacher, teacher_dir, teacher_fingerprint
 from trainer.recipes.label import LabelOutput, LabelRecipe
 from trainer.registry import add_recipe_arguments
+from trainer.runlock import RunLock
 
 FINALIZE_CLAIM = ".finalize.claim"  # created by the one writer that auto-finalizes
 
@@ -252,12 +253,15 @@ def main(args: argparse.Namespace) -> int:
         if (out / MANIFEST).is_file():
             print(f"{out}: already finalized", file=sys.stderr)
             return 0
-        total = sum(1 for _ in transfer_examples(recipe.transfer))
-        maybe_finalize(recipe, out, total, load_tokenizer(model_dir), model_dir, command, required=True)
+        with RunLock(out):  # exclusive: no shard may still be writing
+            total = sum(1 for _ in transfer_examples(recipe.transfer))
+            maybe_finalize(recipe, out, total, load_tokenizer(model_dir), model_dir, command, required=True)
         return 0
     env = init_distributed()
     try:
-        log0(env, dump_yaml(recipe))
-        return label(recipe, shard, num_shards, env, command)
+        part = f"shard-{shard}-of-{num_shards}" if num_shards > 1 else None  # shards write one store side by side
+        with run_dir_lock(Path(recipe.output.out_dir), env, part):
+            log0(env, dump_yaml(recipe))
+            return label(recipe, shard, num_shards, env, command)
     finally:
         shutdown()

@@ -28,6 +28,7 @@ from trainer.data import corpus_parts as cp
 from trainer.data.preprocess import PackOptions, preprocess
 from trainer.data.text_sources import SourceSpec
 from trainer.errors import UserError
+from trainer.runlock import RunLock
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -86,7 +87,8 @@ def main(args: argparse.Namespace, command: list[str] | None = None) -> int:
         if manifest is None:
             return 0
     else:
-        manifest = preprocess(spec, args.out, args.tokenizer, opts, progress=not args.no_progress, command=command)
+        with RunLock(args.out):
+            manifest = preprocess(spec, args.out, args.tokenizer, opts, progress=not args.no_progress, command=command)
     s = manifest["stats"]
     print(
         f"{args.out}: {len(manifest['shards'])} shard(s), {s['tokens']:,} tokens, {s['sequences']:,} sequences, "
@@ -106,9 +108,17 @@ def in_parts(args: argparse.Namespace, spec: SourceSpec, opts: PackOptions, comm
         if n is None:
             raise UserError("--task-index and --merge need --num-tasks (or --slurm-array)")
     if args.merge:
-        return cp.merge(spec, args.out, args.tokenizer, opts, n, command)
+        with RunLock(args.out, part="merge"):
+            return cp.merge(spec, args.out, args.tokenizer, opts, n, command)
     if index is None:
         raise UserError("--num-tasks needs --task-index (or --slurm-array)")
+    with RunLock(args.out, part=f"part-{index}-of-{n}"):  # the parts write side by side; a twin of one is refused
+        return part_then_merge(args, spec, opts, command, index, n)
+
+
+def part_then_merge(
+    args: argparse.Namespace, spec: SourceSpec, opts: PackOptions, command: list[str], index: int, n: int
+) -> dict | None:
     cp.preprocess_part(spec, args.out, args.tokenizer, opts, index, n, progress=not args.no_progress, command=command)
     waiting = cp.parts_finished(args.out, n)
     if (args.out / cp.MANIFEST).is_file():
