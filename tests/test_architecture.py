@@ -44,6 +44,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
             "trainer.memory",
             "trainer.loop",
             "trainer.preflight",
+            "trainer.health",
         ),
     ),
     ("pipeline", ("trainer.pipeline",)),

@@ -5,9 +5,11 @@
          batch                     this rank's items at the cursor -> the stage's micro-batches
          agree                     one all-reduce: global loss denominator, pre-emption, time budget
          step                      forward/backward every micro-batch, one optimizer step
-         record, log               cursor, counters, non-finite streak; scalars to console/TensorBoard
+         record, log               cursor, counters, non-finite streak, health; scalars to console/TensorBoard
          evaluate, save            periodic (and at each epoch end if the stage asks), always in this order
-      finish                     evaluate, save, export; the logger is closed on every exit path
+      finish                     evaluate, save, export with the run's health flags (trainer/health.py: a
+                                 collapsed classifier, a stuck agreement, a flat loss; also the last line)
+                                 the logger is closed on every exit path
 
 Loss scaling: a stage's model returns the *sum* of per-example (or per-token) losses. Each micro-batch's
 sum is multiplied by ranks x accumulation / (global count), so after DeepSpeed averages over
@@ -33,8 +35,17 @@ from trainer import preemption
 from trainer.checkpoint import Checkpointer, tag_for
 from trainer.config import dump_yaml, load_config, save_config
 from trainer.data.sampling import Cursor
-from trainer.engine import BatchPlan, build_model, configure_kernels, engine_config, grad_norm, initialize
+from trainer.engine import (
+    BatchPlan,
+    build_model,
+    configure_kernels,
+    describe_engine,
+    engine_config,
+    grad_norm,
+    initialize,
+)
 from trainer.errors import TrainingStopped
+from trainer.health import RunHealth, describe
 from trainer.launcher import DistEnv, all_reduce_sum, init_distributed, shutdown
 from trainer.models.zoo import bert_config
 from trainer.runlock import RunDirBusy, RunLock
@@ -241,11 +252,12 @@ class Trainer:
         )
         self.state = self._resume() if self.run.resume == "auto" else None
         self.state = self.state or RunState(extra=getattr(stage, "initial_extra", lambda: {})())
+        self.health = RunHealth(self.state.extra.setdefault("health", {}), self.run.log_every)
         self.log(
             f"{stage.name}: {env.world_size} rank(s) via {env.launcher}, ZeRO stage "
             f"{self.engine.zero_optimization_stage()}, micro batch {self.plan.micro_batch} x accumulation "
             f"{self.plan.accumulation} x ranks = {self.plan.global_batch}; {self.train.steps} steps "
-            f"({self.order.batches_per_epoch} per epoch)"
+            f"({self.order.batches_per_epoch} per epoch); {describe_engine(self.engine)}"
         )
         if env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -297,6 +309,7 @@ class Trainer:
                 self.engine, micro, self.plan, agreed.count, state.step + 1 in self.debug.nan_at_steps
             )
             loss = state.record(self.order, result, agreed.count)
+            self.health.step(state.step, loss, result.sums, agreed.count)
             self._log_step(loss, result, agreed.count)
             self._check_finite()
             if self.debug.step_sleep:
@@ -307,13 +320,18 @@ class Trainer:
                     self.evaluate()
                 self.save()
         final = self.evaluate()
+        self.health.close()
         self.save(last_step=True)
-        info = self.stage.export_info(self, final)
+        flags = self.health.flags()
+        info = {**self.stage.export_info(self, final), "health": flags}
         export = self.checkpointer.export(
             self.engine, self.stage.hf, self.stage.hf_tokenizer(), self.out / "export", info
         )
         self.log(f"exported Hugging Face model to {export}")
+        self.logger.text("health", describe(flags) if flags else "no sign of a degenerate run")
         self.stage.finished(self, final)
+        if flags:
+            self.log(f"DEGENERATE RUN ({', '.join(flags)}): {describe(flags)}; see {export / 'wellread.json'}")
         return 0
 
     # -- what the loop calls
@@ -327,6 +345,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float] | None:
         metrics = self.stage.evaluate(self)
+        self.health.evaluated(metrics)
         if metrics is not None:
             self.logger.log(self.state.step, metrics, prefix=getattr(self.stage, "eval_prefix", "eval"))
         return metrics

@@ -74,6 +74,8 @@ class ClassifierDistiller(nn.Module):
             "labeled": labeled.sum(),
             "correct": ((logits.detach().argmax(-1) == gold) & labeled).sum(),
             "agree": ((logits.detach().argmax(-1) == teacher_logits.argmax(-1)) & keep).sum(),
+            # how often each class is the teacher's answer: trainer/health.py compares agreement with the majority's
+            **{f"teacher_class/{c}": ((teacher_logits.argmax(-1) == c) & keep).sum() for c in range(logits.shape[-1])},
             "tokens": (attention_mask * weight[:, None].long()).sum(),
         }
         if want_hidden:

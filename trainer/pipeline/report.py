@@ -36,6 +36,12 @@ def _finished(out_dir: Path) -> dict[str, Any] | None:
     return cache.read_marker(out_dir / cache.DONE)
 
 
+def run_flags(run_dir: str | Path) -> dict[str, str]:
+    """The run's health flags (trainer/health.py) from its final export's wellread.json ({} when none)."""
+    path = Path(run_dir) / "export" / "wellread.json"
+    return dict(read_json(path, "run record").get("health") or {}) if path.is_file() else {}
+
+
 def collect(study_dir: Path) -> dict[str, Any]:
     """results.json's content, from study.json and the finished runs' metrics."""
     plan_path = study_dir / "study.json"
@@ -96,7 +102,9 @@ def collect(study_dir: Path) -> dict[str, Any]:
                 n=len(scored[lr]),
                 mean=mean,
                 std=std,
-                seeds={str(s): {"value": v, "run_dir": d} for s, (v, d) in sorted(by_lr[lr].items())},
+                seeds={
+                    str(s): {"value": v, "run_dir": d, "flags": run_flags(d)} for s, (v, d) in sorted(by_lr[lr].items())
+                },
                 lr_grid={
                     f"{k:g}": {
                         "n": len(v),
@@ -172,12 +180,27 @@ def pct(x: float | None) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
+def degenerate(row: dict[str, Any]) -> dict[str, list[str]]:
+    """Flag name -> the seeds whose run carries it."""
+    out: dict[str, list[str]] = {}
+    for seed, s in row.get("seeds", {}).items():
+        for flag in s.get("flags") or {}:
+            out.setdefault(flag, []).append(seed)
+    return out
+
+
 def cell_text(row: dict[str, Any] | None) -> str:
+    """mean ± std [each seed]; a flagged seed's value carries a `!` and the cell says DEGENERATE and why, so a
+    collapsed run never reads as a plain (bad) number."""
     if row is None or row["mean"] is None:
         return "-"
     std = f" ± {pct(row['std'])}" if row["std"] is not None else ""
-    seeds = ", ".join(pct(s["value"]) for s in row["seeds"].values())
+    seeds = ", ".join(pct(s["value"]) + ("!" if s.get("flags") else "") for s in row["seeds"].values())
     todo = "" if row["complete"] else " (unfinished)"
+    flags = degenerate(row)
+    if flags:
+        why = "; ".join(f"{flag} (seed {', '.join(seeds_)})" for flag, seeds_ in flags.items())
+        return f"DEGENERATE {pct(row['mean'])}{std} [{seeds}]{todo}: {why}"
     return f"{pct(row['mean'])}{std} [{seeds}]{todo}"
 
 
@@ -236,8 +259,20 @@ def markdown(results: dict[str, Any], png_name: str) -> str:
         for seed, s in r["seeds"].items():
             lines.append(
                 f"| {name} | {r['student']} | {size_label(r['label_size'])} | {r['lr']:g} | {seed} | "
-                f"{pct(s['value'])} | `{s['run_dir']}` |"
+                f"{pct(s['value'])}{' DEGENERATE' if s.get('flags') else ''} | `{s['run_dir']}` |"
             )
+    flagged = [(r, seed, s) for r in results["rows"] for seed, s in r["seeds"].items() if s.get("flags")]
+    if flagged:
+        lines += [
+            "",
+            "## Degenerate runs",
+            "",
+            "These runs flagged themselves as degenerate (trainer/health.py); their cells say DEGENERATE:",
+            "",
+        ]
+        for r, seed, s in flagged:
+            why = "; ".join(f"{k}: {v}" for k, v in s["flags"].items())
+            lines.append(f"- {METHOD_LABELS.get(r['method'], r['method'])} {r['student']} seed {seed}: {why}")
     lines += [
         "",
         "Every learning rate (mean over finished seeds):",
@@ -331,6 +366,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
                 labeled.add(name)
                 seeds = [100 * s["value"] for s in r["seeds"].values()]
                 ax.scatter([x] * len(seeds), seeds, s=8, color="black", zorder=3)
+                if degenerate(r):  # a degenerate cell is drawn hollow, marked, never as a plain bar
+                    ax.bar(x, 100 * r["mean"], width * 0.9, fill=False, hatch="xx", edgecolor="red")
+                    ax.annotate("degenerate", (x, 100 * r["mean"]), fontsize=6, color="red", rotation=90, ha="center")
                 values += seeds
         teacher = teacher_for(results, size)
         if teacher is not None:
