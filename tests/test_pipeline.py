@@ -340,3 +340,23 @@ def test_demo_data_are_exact_slices_of_the_real_files(real_data):
         path = ROOT / "data" / "demo" / rel
         got = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
         assert got == expected[rel], rel
+
+
+def test_eta_uses_only_recorded_times_of_the_same_kind_and_size():
+    """The ETA that said "~24s" at the start of a 5-minute study: a preprocess time is no guess for a pretrain."""
+    from trainer.pipeline.graph import Node
+    from trainer.pipeline.runner import Clock
+
+    def node(kind: str, student: str = "") -> Node:
+        return Node(id=f"{kind}/{student}", kind=kind, out_dir=Path("x"), meta={"student": student} if student else {})
+
+    clock = Clock()
+    clock.record(node("preprocess"), 3.0)
+    assert clock.eta([(node("pretrain", "tiny"), None), (node("distill", "tiny"), None)]).startswith("unknown")
+    clock.record(node("distill", "tiny"), 100.0)
+    clock.record(node("distill", "tiny"), 140.0)
+    assert clock.eta([(node("distill", "tiny"), None)]) == "~2m00s"
+    assert clock.eta([(node("distill", "mini"), None)]).startswith("unknown")  # another size: not guessed
+    eta = clock.eta([(node("distill", "tiny"), None), (node("pretrain", "tiny"), {"seconds": 60.0})])
+    assert eta == "~3m00s"  # a stage's own previous time first
+    assert clock.eta([(node("distill", "tiny"), None), (node("label"), None)]).startswith("more than ~2m00s")
