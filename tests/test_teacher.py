@@ -1,6 +1,7 @@
 """One teacher (trainer/models/teacher.py) for `wellread label` and `wellread distill`: the same batch gives both
-commands the same numbers, bit for bit, and the same numbers as the plain Hugging Face model; the labeling writer
-takes every kind's roles through one call (SoftLabelWriter.add) and writes the same bytes as the per-kind calls."""
+commands the same numbers, bit for bit, and the same numbers as the plain Hugging Face model; a teacher whose head
+would be newly initialised (a plain encoder such as MiniLM) is refused in one line; the labeling writer takes every
+kind's roles through one call (SoftLabelWriter.add) and writes the same bytes as the per-kind calls."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURE_DATA
+from conftest import FIXTURE_DATA, run_cli
 
 N = 12  # transfer examples
 
@@ -119,6 +120,53 @@ def test_a_preset_or_a_directory_without_weights_is_not_a_teacher(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(UserError, match="no model.safetensors"):
         teacher_dir(str(tmp_path), "teacher")
+
+
+def test_an_encoder_without_an_mlm_head_is_not_an_mlm_teacher(minilm_dir):
+    from trainer.errors import UserError
+    from trainer.models.teacher import Teacher
+
+    with pytest.raises(UserError) as err:
+        Teacher(minilm_dir, "mlm")
+    message = str(err.value)
+    assert "\n" not in message and "6 weights" in message and "cls.predictions." in message
+    assert "wellread pretrain" in message
+
+
+def test_an_encoder_without_a_trained_classifier_is_not_a_classification_teacher(minilm_dir, mlm_teacher):
+    from trainer.errors import UserError
+    from trainer.models.teacher import Teacher
+
+    with pytest.raises(UserError, match=r"2 weights .*\(classifier\.bias, classifier\.weight\); fine-tune it first"):
+        Teacher(minilm_dir, "classification")
+    with pytest.raises(UserError, match=r"4 weights .*bert\.pooler.*wellread finetune"):  # an MLM model: no pooler
+        Teacher(mlm_teacher, "classification")
+
+
+def test_saved_heads_are_teachers(classifier, mlm_teacher):
+    from trainer.models.teacher import Teacher
+
+    assert Teacher(classifier, "classification").num_classes == 3
+    assert Teacher(mlm_teacher, "mlm").vocab_size == 30522
+
+
+def test_distill_refuses_an_untrained_teacher_before_building_the_student(tmp_path):
+    """The recipe's own command with MiniLM's encoder as the MLM teacher: one line, no traceback, nothing built
+    (the corpus does not exist: reading it, the first step of building the student, would fail otherwise)."""
+    out = tmp_path / "out"
+    proc = run_cli(
+        "distill",
+        "recipes/distill_distilbert_minilm.yaml",
+        "teacher.model=minilm",
+        "model.name=minilm",
+        f"data.corpus={tmp_path / 'no-shards'}",
+        f"run.out_dir={out}",
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "not a trained mlm teacher" in proc.stderr and "cls.predictions." in proc.stderr
+    assert not out.exists()
 
 
 def test_the_recipe_picks_the_stage():

@@ -56,6 +56,7 @@ class TaskSpec:
     text_b: str | None = None
     label: str = "label"
     labels: list[str] | None = field(default_factory=lambda: ["0", "1"])  # index order; None = regression
+    label_names: list[str] | None = None  # what an exported classifier calls each of `labels`; default: labels
     header: bool = True
     quoting: Literal["none", "csv"] | None = None  # None: "csv" for format csv, else "none" (GLUE style)
     encoding: str = "utf-8-sig"  # also drops a leading BOM (MRPC has one)
@@ -73,6 +74,11 @@ class TaskSpec:
         """Output size of the classifier head (1 for regression)."""
         return 1 if self.labels is None else len(self.labels)
 
+    @property
+    def class_names(self) -> list[str] | None:
+        """The names an exported classifier answers with (its id2label), in label order; None for regression."""
+        return self.label_names or self.labels
+
     def resolved_quoting(self) -> Literal["none", "csv"]:
         if self.quoting is not None:
             return self.quoting
@@ -86,6 +92,16 @@ class TaskSpec:
                 raise ValueError(f"task {self.name}: labels must not be empty (use null for regression)")
             if len(set(self.labels)) != len(self.labels):
                 raise ValueError(f"task {self.name}: labels has duplicates: {self.labels}")
+        if self.label_names is not None:
+            if self.labels is None:
+                raise ValueError(f"task {self.name}: label_names given for a regression task (labels: null)")
+            if len(self.label_names) != len(self.labels):
+                raise ValueError(
+                    f"task {self.name}: label_names has {len(self.label_names)} names for the "
+                    f"{len(self.labels)} labels [{', '.join(self.labels)}]"
+                )
+            if len(set(self.label_names)) != len(self.label_names):
+                raise ValueError(f"task {self.name}: label_names has duplicates: {self.label_names}")
         if self.format == "glue_tsv" and self.quoting == "csv":
             raise ValueError(f"task {self.name}: glue_tsv never uses CSV quoting (use format: tsv, quoting: csv)")
         if self.format == "datasets":
@@ -120,6 +136,7 @@ def _glue(
     label: str = "label",
     labels: list[str] | None = None,
     header: bool = True,
+    label_names: list[str] | None = None,
 ) -> TaskSpec:
     return TaskSpec(
         name=name,
@@ -131,19 +148,39 @@ def _glue(
         label=label,
         labels=["0", "1"] if labels is None else labels,
         header=header,
+        label_names=label_names,
     )
 
 
 # Paths are relative to the data root (../shared/data in the repo layout; see default_data_root).
+# label_names follow each data set's encoding (../shared/data/README.md): SST-2, IMDb and the Blitzer reviews
+# 0 = negative, 1 = positive; MRPC 1 = paraphrase; CoLA 1 = acceptable; RTE's labels are names already.
+SENTIMENT = ["negative", "positive"]
 BUILTIN_TASKS: dict[str, TaskSpec] = {
-    "sst2": _glue("sst2", "SST-2", "train.tsv.gz", "sentence"),
+    "sst2": _glue("sst2", "SST-2", "train.tsv.gz", "sentence", label_names=SENTIMENT),
     "rte": _glue("rte", "RTE", "train.tsv", "sentence1", "sentence2", labels=["entailment", "not_entailment"]),
-    "mrpc": _glue("mrpc", "MRPC", "train.tsv", "#1 String", "#2 String", label="Quality"),
+    "mrpc": _glue(
+        "mrpc",
+        "MRPC",
+        "train.tsv",
+        "#1 String",
+        "#2 String",
+        label="Quality",
+        label_names=["not_equivalent", "equivalent"],
+    ),
     # CoLA has no header: source, label, annotation, sentence.
-    "cola": _glue("cola", "CoLA", "train.tsv", "3", label="1", header=False),
+    "cola": _glue(
+        "cola", "CoLA", "train.tsv", "3", label="1", header=False, label_names=["unacceptable", "acceptable"]
+    ),
     # IMDb has no dev split: its official test split serves as dev (as in most papers).
     "imdb": TaskSpec(
-        name="imdb", format="jsonl", train="imdb/train.jsonl.gz", dev="imdb/test.jsonl.gz", text_a="text", label="label"
+        name="imdb",
+        format="jsonl",
+        train="imdb/train.jsonl.gz",
+        dev="imdb/test.jsonl.gz",
+        text_a="text",
+        label="label",
+        label_names=SENTIMENT,
     ),
     # Blitzer books reviews, 1,700/300 split; `sentence` holds title + "\n\t" + review, so real CSV quoting.
     "amazon_books": TaskSpec(
@@ -154,6 +191,7 @@ BUILTIN_TASKS: dict[str, TaskSpec] = {
         dev="amazon-books-blitzer/autoprompt_split/dev.tsv",
         text_a="sentence",
         label="label",
+        label_names=SENTIMENT,
     ),
     # GLUE STS-B (not in ../shared/data: a spec only). Regression on the 0-5 `score` column.
     "stsb": TaskSpec(

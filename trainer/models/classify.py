@@ -8,7 +8,7 @@ import contextlib
 import math
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -78,14 +78,26 @@ def hf_view(spec: Path) -> Iterator[Path]:
 
 
 def load_classifier(
-    name: str, num_labels: int, dropout: float | None = None, attention: str = "sdpa", vocab_size: int = 30522
+    name: str,
+    num_labels: int,
+    dropout: float | None = None,
+    attention: str = "sdpa",
+    vocab_size: int = 30522,
+    label_names: Sequence[str] | None = None,
 ) -> BertForSequenceClassification:
     """Fresh weights for a preset (basic training); pretrained encoder, new head, for anything else.
 
+    `label_names` become the config's id2label / label2id, so every export, checkpoint and converted copy of
+    the model answers a plain `transformers` pipeline with the task's names instead of LABEL_0, LABEL_1.
     Collective when `name` is a checkpoint (see `hf_view`)."""
+    if label_names is not None and len(label_names) != num_labels:
+        raise ValueError(f"{len(label_names)} label names for {num_labels} labels")
     spec = resolve(name)
     cfg = bert_config(name, vocab_size=vocab_size, dropout=dropout)
-    cfg.num_labels = num_labels
+    cfg.num_labels = num_labels  # resets id2label to LABEL_i when the count changes
+    if label_names is not None:
+        cfg.id2label = dict(enumerate(label_names))
+        cfg.label2id = {label: i for i, label in cfg.id2label.items()}
     cfg.problem_type = "regression" if num_labels == 1 else "single_label_classification"
     if not isinstance(spec, Path):  # fresh_model: partitioned under ZeRO-3, same weights at every stage
         return fuse_bert(fresh_model(BertForSequenceClassification, cfg, attention))

@@ -2,9 +2,10 @@
 `wellread distill` (the online teacher), so both see the same model from the same directory.
 
 A teacher is a trained Hugging Face directory (config.json + model.safetensors; a wellread export or
-run): `BertForSequenceClassification` for classification, `BertForMaskedLM` for MLM. It is loaded in its
-saved dtype, frozen, in eval mode, on the device, and runs under no_grad; below fp32 (a bf16/fp16
-engine on a GPU) under autocast in that precision, so a bf16 student does not wait for an fp32 teacher.
+run): `BertForSequenceClassification` for classification, `BertForMaskedLM` for MLM, with every weight
+saved (a plain encoder such as MiniLM, whose head would be random, is refused before any other work).
+It is loaded in its saved dtype, frozen, in eval mode, on the device, and runs under no_grad; below fp32
+(a bf16/fp16 engine on a GPU) under autocast in that precision, so a bf16 student does not wait for an fp32 teacher.
 On CPU it stays fp32, as the store's labels are. Each caller takes the view it needs of one forward:
 
     classify(batch, cls_layers)  logits [B, C] and the [CLS] states after chosen layers [B, L, H]
@@ -32,6 +33,14 @@ from trainer.models.zoo import resolve
 
 WEIGHTS = "model.safetensors"
 MODEL_CLASSES = {"classification": "BertForSequenceClassification", "mlm": "BertForMaskedLM"}  # per store kind
+HOW_TO_TRAIN = {  # what to run when a teacher's head would be newly initialised
+    "classification": "fine-tune it first: wellread finetune RECIPE.yaml model.name={dir} (then give the run's best/)",
+    "mlm": "pre-train an MLM head first: wellread pretrain RECIPE.yaml model.name={dir} (then give the run's export/)",
+}
+
+
+class UntrainedTeacher(UserError):
+    """The teacher directory lacks weights its model class needs: they would be random, and so its soft labels."""
 
 
 def default_device() -> torch.device:
@@ -72,6 +81,33 @@ def teacher_fingerprint(model_dir: Path) -> dict[str, str]:
     }
 
 
+def load_trained(model_dir: Path, kind: str) -> transformers.PreTrainedModel:
+    """The teacher model of `kind` from `model_dir`; refused when any of its weights would be newly initialised.
+
+    The check reads transformers' own load report (`output_loading_info=True`) rather than comparing key names
+    in the safetensors file: the library knows which weights are tied (the MLM decoder), which checkpoint names
+    it renames or adds a prefix to, and which buffers are not saved, so "missing" means exactly "random here".
+    The report's table and the progress bar are silenced: the one-line error says what matters."""
+    cls = getattr(transformers, MODEL_CLASSES[kind])
+    verbosity, bar = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        model, info = cls.from_pretrained(model_dir, output_loading_info=True)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if bar:
+            transformers.logging.enable_progress_bar()
+    missing = sorted(info["missing_keys"])
+    if missing:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise UntrainedTeacher(
+            f"{model_dir} is not a trained {kind} teacher: {len(missing)} weights of {cls.__name__} are not in "
+            f"its {WEIGHTS} and would be random ({shown}); {HOW_TO_TRAIN[kind].format(dir=model_dir)}"
+        )
+    return model
+
+
 class Teacher:
     """A frozen teacher of one kind ("classification" or "mlm") on `device`, run under no_grad."""
 
@@ -80,11 +116,10 @@ class Teacher:
     ):
         if kind not in MODEL_CLASSES:
             raise ValueError(f"teacher kind must be one of {list(MODEL_CLASSES)}, got {kind!r}")
-        cls = getattr(transformers, MODEL_CLASSES[kind])
         self.directory, self.kind = Path(model_dir), kind
         self.device = device if device is not None else default_device()
         self.precision = precision
-        self.model = cls.from_pretrained(model_dir).to(self.device).eval()
+        self.model = load_trained(self.directory, kind).to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.config = self.model.config
@@ -92,6 +127,12 @@ class Teacher:
     @property
     def num_classes(self) -> int:
         return self.config.num_labels
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """Its classes' names in id order (a wellread fine-tune's task names); None for LABEL_0, LABEL_1 ..."""
+        names = [self.config.id2label[i] for i in range(self.num_classes)]
+        return None if names == [f"LABEL_{i}" for i in range(self.num_classes)] else names
 
     @property
     def vocab_size(self) -> int:

@@ -207,7 +207,7 @@ class ClassifierDistill(DistillStage):
         from trainer.models.distiller import ClassifierDistiller
 
         data, loss, model = self.recipe.data, self.recipe.loss, self.recipe.model
-        _, examples = self._transfer(where)
+        transfer, examples = self._transfer(where)
         label_cfg = self.store.header.get("config", {}).get("output", {}) if self.store is not None else {}
         self.max_len = data.max_seq_len or label_cfg.get("max_seq_len", 128)
         self.pad_id = special_ids(self.tokenizer).pad
@@ -215,7 +215,12 @@ class ClassifierDistill(DistillStage):
         self.encoded: Encoded = encode(rows, self.tokenizer, self.max_len, regression=False)
         num_classes = self.store.num_classes if self.store is not None else self.teacher.num_classes
         self.hf = load_classifier(
-            model.name, num_classes, model.dropout, model.attention, self.tokenizer.get_vocab_size()
+            model.name,
+            num_classes,
+            model.dropout,
+            model.attention,
+            self.tokenizer.get_vocab_size(),
+            self._class_names(transfer, num_classes),
         )
         self.teacher_layers: list[int] = []  # PKD: the teacher layers whose [CLS] states the student meets, in order
         self.cls_index: list[int] | None = None  # PKD from the store: which stored [CLS] layers, in map order
@@ -225,6 +230,13 @@ class ClassifierDistill(DistillStage):
             self.task = resolve_task(data.eval_task)
             self.eval_enc, _ = load_task_data(self.task, data.eval_split, data.data_root, self.tokenizer, self.max_len)
         return ClassifierDistiller(self.hf, self.t, loss.alpha, loss.beta, student_layers)
+
+    def _class_names(self, transfer: TransferSection, num_classes: int) -> list[str] | None:
+        """What the student's export calls its classes: the online teacher's names, else the evaluation task's or
+        the transfer set's task's (their label ids are the teacher's classes); None keeps LABEL_0, LABEL_1 ..."""
+        found = [self.teacher.class_names] if self.teacher is not None else []
+        found += [resolve_task(task).class_names for task in (self.recipe.data.eval_task, transfer.task) if task]
+        return next((names for names in found if names is not None and len(names) == num_classes), None)
 
     def _patient_kd(self, where: str) -> list[int]:
         """The PKD layer map (student layers returned); the teacher's states come online, else from the store."""

@@ -64,7 +64,12 @@ class Finetune(Stage):
                 flush=True,
             )
         self.hf = load_classifier(
-            model.name, self.num_labels, model.dropout, model.attention, self.tokenizer.get_vocab_size()
+            model.name,
+            self.num_labels,
+            model.dropout,
+            model.attention,
+            self.tokenizer.get_vocab_size(),
+            self.task.class_names,
         )
         return Classifier(self.hf)
 
