@@ -302,6 +302,22 @@ def initialize(
     return engine, ds_cfg, plan
 
 
+def describe_engine(engine) -> str:
+    """What DeepSpeed really runs, read from the engine rather than the config: the dtype of the module's
+    parameters (the forward's precision) and what ZeRO keeps on the CPU. Logged at start (tests read it)."""
+    dtype = str(next(engine.module.parameters()).dtype).removeprefix("torch.")
+    zero = engine.optimizer  # the ZeRO optimizer sets these flags when it accepts an offload section
+    offloaded = [
+        what
+        for what, on in (
+            ("optimizer state", getattr(zero, "offload_optimizer", False) or getattr(zero, "cpu_offload", False)),
+            ("parameters", getattr(zero, "offload_param", False)),
+        )
+        if on
+    ]
+    return f"parameters {dtype}" + (f", offloaded to CPU: {' and '.join(offloaded)}" if offloaded else "")
+
+
 def _release_after_updates(engine) -> None:
     """Every ZeRO-3 step gathers and frees whole layers (offload stages them through host memory): hand the
     freed pages back after each update, so the resident set follows live memory, not its high-water mark.

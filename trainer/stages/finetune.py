@@ -19,6 +19,7 @@ from trainer.data.sampling import BucketedOrder
 from trainer.data.task_metrics import compute_metrics, primary_metric
 from trainer.data.tasks import resolve_task
 from trainer.data.tokenization import hf_tokenizer, load_tokenizer, special_ids
+from trainer.health import prediction_spread
 from trainer.launcher import DistEnv
 from trainer.loop import Stage, Trainer, run_stage
 from trainer.models.classify import Classifier, load_classifier, predict
@@ -100,6 +101,7 @@ class Finetune(Stage):
         )
         preds = logits[:, 0] if self.num_labels == 1 else logits.argmax(-1)
         metrics = compute_metrics(self.task, preds, self.eval_enc.labels)
+        metrics.update(prediction_spread(preds, self.eval_enc.labels, regression=self.num_labels == 1))
         extra = trainer.state.extra
         if extra.get("best") is None or metrics[self.metric] > extra["best"]:
             extra.update(best=metrics[self.metric], best_step=trainer.state.step)
