@@ -138,3 +138,56 @@ run: {{out_dir: {tmp_path / "d"}, tensorboard: false}}
     stage.build(DistEnv(), str(distill))
     assert stage.teacher.class_names == SENTIMENT  # a plain-text transfer set: the names are the teacher's
     assert stage.hf.config.id2label == {0: "negative", 1: "positive"}
+
+
+def test_a_student_distilled_from_a_store_alone_takes_the_labeling_teachers_names(tmp_path):
+    """`wellread label` records the teacher's class names in the store; a distill run from that store with a
+    plain-text transfer set (no task) and no eval_task builds a student that answers with them. A store without
+    recorded names (made before they were) falls back to the eval task's, as before."""
+    from transformers import BertForSequenceClassification
+
+    from trainer.config import load_config
+    from trainer.data.softlabels import MANIFEST, SoftLabelStore
+    from trainer.data.tokenization import hf_tokenizer, load_tokenizer
+    from trainer.launcher import DistEnv
+    from trainer.models.zoo import bert_config
+    from trainer.recipes.distill import DistillRecipe
+    from trainer.recipes.label import LabelRecipe
+    from trainer.stages.distill import distill_stage
+    from trainer.stages.label import label
+
+    cfg = bert_config("bert-L2-H128")
+    cfg.id2label, cfg.label2id = {0: "gloomy", 1: "cheerful"}, {"gloomy": 0, "cheerful": 1}
+    teacher = tmp_path / "teacher"
+    BertForSequenceClassification(cfg).save_pretrained(teacher, safe_serialization=True)
+    hf_tokenizer(load_tokenizer(), 128).save_pretrained(teacher)
+    store = tmp_path / "store"
+    label_yaml = tmp_path / "label.yaml"
+    label_yaml.write_text(f"""
+teacher: {teacher}
+transfer: {{files: [{FIXTURE_DATA}/glue/SST-2/dev.tsv], max_examples: 24}}
+output: {{out_dir: {store}, kind: classification, batch_size: 8}}
+""")
+    label(load_config(LabelRecipe, label_yaml), 0, 1, DistEnv(), ["wellread", "label", str(label_yaml)])
+    assert SoftLabelStore(store).class_names == ["gloomy", "cheerful"]
+
+    def student(extra: str = "") -> dict:
+        recipe = tmp_path / "d.yaml"
+        recipe.write_text(f"""
+data: {{store: {store}{extra}}}
+model: {{name: bert-L2-H128}}
+engine: {{ds_config: zero0}}
+run: {{out_dir: {tmp_path / "d"}, tensorboard: false}}
+""")
+        stage = distill_stage(load_config(DistillRecipe, recipe))
+        stage.prepare(DistEnv(), str(recipe))
+        stage.build(DistEnv(), str(recipe))
+        assert stage.teacher is None and stage.store.header["config"]["transfer"]["task"] is None
+        return stage.hf.config.id2label
+
+    assert student() == {0: "gloomy", 1: "cheerful"}
+    manifest = json.loads((store / MANIFEST).read_text())
+    del manifest["class_names"]  # a store from before the names were recorded
+    (store / MANIFEST).write_text(json.dumps(manifest))
+    assert student(f", eval_task: sst2, data_root: {FIXTURE_DATA}") == {0: "negative", 1: "positive"}
+    assert student() == {0: "LABEL_0", 1: "LABEL_1"}

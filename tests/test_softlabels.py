@@ -493,3 +493,41 @@ def test_counting_other_writers_progress_leaves_their_files_alone(tmp_path):
     assert len(finished_parts(tmp_path, wid(1))) == 1  # the writer itself, resuming, cleans up
     assert not any(path.exists() for path in in_flight)
     assert _claim_finalize(tmp_path) and not _claim_finalize(tmp_path)  # one auto-finalizer only
+
+
+# ---------------------------------------------------------------------------------------------- class names
+def test_the_manifest_records_the_teachers_class_names(tmp_path):
+    """Every part carries the labeling teacher's class names; the manifest and the reader give them back. A store
+    of an unnamed teacher (or one made before names were recorded) has none, and mixed or malformed names are
+    refused."""
+    from trainer.data.softlabels.format import kind_settings
+
+    names = ["gloomy", "so-so", "cheerful"]
+    ids, logits, gold = cls_data(30)
+    for r in range(2):
+        kw = {"num_classes": C, "part_examples": 8, "class_names": names}
+        with SoftLabelWriter(tmp_path / "named", wid(r), "classification", **kw) as w:
+            w.add_classification(ids[r::2], logits[r::2], gold[r::2])
+    manifest = finalize(tmp_path / "named", HEADER, 30)
+    assert manifest["class_names"] == names and all(s["class_names"] == names for s in manifest["shards"])
+    assert SoftLabelStore(tmp_path / "named").class_names == names
+    reopened = json.loads((tmp_path / "named" / MANIFEST).read_text())
+    assert reopened["class_names"] == names
+
+    manifest = write_cls(tmp_path / "unnamed", n=30, part_examples=8, expected=30)
+    assert "class_names" not in manifest and SoftLabelStore(tmp_path / "unnamed").class_names is None
+
+    with SoftLabelWriter(tmp_path / "mixed", wid(0), "classification", num_classes=C, class_names=names) as w:
+        w.add_classification(ids[:15], logits[:15])
+    other = ["a", "b", "c"]
+    with SoftLabelWriter(tmp_path / "mixed", wid(1), "classification", num_classes=C, class_names=other) as w:
+        w.add_classification(ids[15:], logits[15:])
+    with pytest.raises(UserError, match="one store holds one kind of labels"):
+        finalize(tmp_path / "mixed", HEADER, 30)
+    with pytest.raises(UserError, match="other settings"):  # a resumed writer may not change teacher
+        SoftLabelWriter(tmp_path / "mixed", wid(0), "classification", num_classes=C, class_names=other)
+    for bad in (["a", "b"], ["a", "a", "b"], ["a", "", "b"]):
+        with pytest.raises(ValueError, match="class_names"):
+            kind_settings("classification", C, None, None, class_names=bad)
+    with pytest.raises(ValueError, match="classification"):
+        kind_settings("mlm", None, K, 100, class_names=names)

@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         "shards": store.num_shards,
         "examples": len(store),
         "num_classes": store.num_classes,
+        "class_names": store.class_names,
         "k": store.k,
         "vocab_size": store.vocab_size,
         "bytes": store.manifest["totals"]["bytes"],
@@ -166,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"KL(top-k renormalised || full) = mean -log(mass): {stats['kl_topk_to_full_nats']:.4f} nats"
             )
     else:
+        names = f" ({', '.join(store.class_names)})" if store.class_names else ""
         print(
-            f"  classes: {store.num_classes}; mean teacher entropy: {stats['mean_entropy_nats']:.4f} nats "
+            f"  classes: {store.num_classes}{names}; mean teacher entropy: {stats['mean_entropy_nats']:.4f} nats "
             f"(max {stats['max_entropy_nats']:.4f})"
         )
         acc = stats["teacher_accuracy"]

@@ -232,9 +232,12 @@ class ClassifierDistill(DistillStage):
         return ClassifierDistiller(self.hf, self.t, loss.alpha, loss.beta, student_layers)
 
     def _class_names(self, transfer: TransferSection, num_classes: int) -> list[str] | None:
-        """What the student's export calls its classes: the online teacher's names, else the evaluation task's or
-        the transfer set's task's (their label ids are the teacher's classes); None keeps LABEL_0, LABEL_1 ..."""
+        """What the student's export calls its classes: the teacher's own names (online, else those the store
+        recorded when that teacher labeled it: the teacher that made the labels defines what each logit column
+        means), else the evaluation task's or the transfer set's task's (their label ids are assumed to be the
+        teacher's classes); None keeps LABEL_0, LABEL_1 ..."""
         found = [self.teacher.class_names] if self.teacher is not None else []
+        found += [self.store.class_names] if self.store is not None else []
         found += [resolve_task(task).class_names for task in (self.recipe.data.eval_task, transfer.task) if task]
         return next((names for names in found if names is not None and len(names) == num_classes), None)
 

@@ -109,6 +109,7 @@ def label(recipe: LabelRecipe, shard: int, num_shards: int, env: DistEnv, comman
         cls_layers=o.cls_layers,
         hidden_size=teacher.hidden_size,
         teacher_layers=teacher.depth,
+        class_names=teacher.class_names if o.kind == "classification" else None,  # what distill's student exports
     )
     roles, positions = labeled_roles(writer.settings), position_roles(writer.settings)
     mine, total = writer_examples(recipe, shard, num_shards, env)

@@ -88,6 +88,7 @@ def finalize(store_dir: str | Path, header: dict, expected_examples: int | None 
                 info.get("cls_layers"),
                 info.get("hidden_size"),
                 info.get("teacher_layers"),
+                info.get("class_names"),
             )
             verify_files(directory, info, checksum=True, source=f"{stem}.json")
             arrays = open_part(directory, info)

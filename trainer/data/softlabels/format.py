@@ -9,15 +9,20 @@ A store is a directory::
     part-j0003of0016-r01of04-00000.json
                         sidecar, written after every file of the part is fsynced and renamed: format
                         version, per file its name, dtype, shape, bytes and sha256; kind, k / vocab_size /
-                        num_classes, example count, positions (mlm) and example-id range. A part without
-                        a sidecar is unfinished: its writer deletes and redoes it when resumed
+                        num_classes (and class_names, below), example count, positions (mlm) and example-id
+                        range. A part without a sidecar is unfinished: its writer deletes and redoes it when
+                        resumed
     order.bin           written by `finalize`: the row, in the concatenation of the shards in manifest
                         order, of the example with the i-th smallest example id. It makes "global index
                         i" of the reader example-id order, whichever writer wrote what
     manifest.json       written last, by `finalize`: format name/version, kind, the dtypes in use per
                         role, shapes, k, vocab_size / num_classes, every shard's sidecar (files, sha256,
                         counts, id range), order.bin's checksum, totals, and the labeler's header
-                        (teacher fingerprint, tokenizer hash, transfer-set fingerprint, command, config)
+                        (teacher fingerprint, tokenizer hash, transfer-set fingerprint, command, config).
+                        Classification only, optional: class_names, the labeling teacher's name of each
+                        logit column (its id2label, e.g. ["negative", "positive"]), so a student distilled
+                        from the store alone names its classes; absent when the teacher had only the
+                        LABEL_0, LABEL_1 .. defaults, and in stores made before it was recorded
 
 Every .bin is one record of trainer/data/binfile.py (32-byte header, then the C-order array) with
 magic b"WRSOFT\\x00\\x01" and the store's VERSION. Roles, for a part of n examples and T positions (KIND_ROLES
@@ -197,14 +202,20 @@ def kind_settings(
     cls_layers: list[int] | None = None,
     hidden_size: int | None = None,
     teacher_layers: int | None = None,
+    class_names: list[str] | None = None,
 ) -> dict:
     """The settings every part of a store shares. [CLS] states (classification only) come with the teacher's
-    hidden size and depth, so a reader can map a student's layers onto the stored ones (PKD)."""
+    hidden size and depth, so a reader can map a student's layers onto the stored ones (PKD). `class_names`
+    (classification only; None: unnamed) are the teacher's names of the logit columns, kept only when given,
+    so a store of an unnamed teacher has the settings it had before names were recorded."""
+    if class_names is not None and kind != "classification":
+        raise ValueError(f"class names are for classification soft labels, not {kind!r}")
     if kind == "classification":
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"classification soft labels need num_classes >= 1, got {num_classes}")
+        names = {} if class_names is None else {"class_names": _class_names(class_names, num_classes)}
         if not cls_layers:
-            return {"kind": kind, "num_classes": num_classes}
+            return {"kind": kind, "num_classes": num_classes, **names}
         if not (isinstance(hidden_size, int) and hidden_size > 0 and isinstance(teacher_layers, int)):
             raise ValueError(
                 f"[CLS] states need the teacher's hidden size and depth, got {hidden_size}, {teacher_layers}"
@@ -218,6 +229,7 @@ def kind_settings(
             "cls_layers": layers,
             "hidden_size": hidden_size,
             "teacher_layers": teacher_layers,
+            **names,
         }
     if kind == "mlm":
         if not isinstance(k, int) or k < 1 or not isinstance(vocab_size, int) or vocab_size < 2:
@@ -226,6 +238,18 @@ def kind_settings(
             raise ValueError(f"k={k} exceeds vocab_size={vocab_size}")
         return {"kind": kind, "k": k, "vocab_size": vocab_size}
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+def _class_names(names: list[str], num_classes: int) -> list[str]:
+    """One distinct, non-empty name per class, in logit-column order."""
+    if (
+        not isinstance(names, (list, tuple))
+        or len(names) != num_classes
+        or not all(isinstance(n, str) and n for n in names)
+        or len(set(names)) != len(names)
+    ):
+        raise ValueError(f"class_names must be {num_classes} distinct non-empty names, got {names!r}")
+    return list(names)
 
 
 # ---------------------------------------------------------------------------------------------- files

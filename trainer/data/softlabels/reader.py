@@ -50,6 +50,8 @@ class SoftLabelStore:
         self.vocab_size: int | None = self.manifest.get("vocab_size")
         self.cls_layers: list[int] = self.manifest.get("cls_layers") or []  # teacher layers with stored [CLS] states
         self.teacher_layers: int | None = self.manifest.get("teacher_layers")
+        # the labeling teacher's name of each class (its id2label); None: unnamed, or a store from before names
+        self.class_names: list[str] | None = self.manifest.get("class_names")
         self.header: dict = self.manifest["header"]
         self.shard_names: list[str] = [entry["name"] for entry in self.manifest["shards"]]
         self.max_open_shards = max(1, max_open_shards)

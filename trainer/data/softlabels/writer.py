@@ -104,6 +104,7 @@ class SoftLabelWriter:
         cls_layers: list[int] | None = None,
         hidden_size: int | None = None,
         teacher_layers: int | None = None,
+        class_names: list[str] | None = None,
     ):
         check_writer_id(writer_id)
         if part_examples < 1:
@@ -112,7 +113,7 @@ class SoftLabelWriter:
         self.writer_id = writer_id
         self.kind = kind
         self.settings = {
-            **kind_settings(kind, num_classes, k, vocab_size, cls_layers, hidden_size, teacher_layers),
+            **kind_settings(kind, num_classes, k, vocab_size, cls_layers, hidden_size, teacher_layers, class_names),
             "part_examples": part_examples,
         }
         self.part_examples = part_examples
