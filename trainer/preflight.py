@@ -1,12 +1,13 @@
 """Preflight checks behind `wellread check`, slurm/submit.sh and slurm/submit_pipeline.sh: a dry run of a stage.
 
 What a job would find out only once it starts on the cluster, found before `sbatch`: a missing or invalid
-recipe, an unknown model, an unreadable data path, and a DeepSpeed config that does not fit the requested
-GPUs (the global batch does not divide over the ranks, fp16 without GPUs, one process per GPU not
-possible, or, with --gpu-mem, the memory planner's per-rank estimate above the GPU's memory). ARGS are
-exactly the stage's own arguments (what follows the stage in `wellread STAGE ...` or in an sbatch script).
-Each problem is one line (a UserError: exit code 2); nothing is written, no model is built (the planner
-counts parameters on the meta device).
+recipe, an unknown model, an unreadable data path, a distill recipe whose student, teacher and store do not fit
+each other (`distill_fit`: widths, depths, the PKD layer map; `wellread distill` runs it too, before any model is
+built), and a DeepSpeed config that does not fit the requested GPUs (the global batch does not divide over the
+ranks, fp16 without GPUs, one process per GPU not possible, or, with --gpu-mem, the memory planner's per-rank
+estimate above the GPU's memory). ARGS are exactly the stage's own arguments (what follows the stage in
+`wellread STAGE ...` or in an sbatch script). Each problem is one line (a UserError: exit code 2); nothing is
+written, no model is built (the planner counts parameters on the meta device).
 """
 
 from __future__ import annotations
@@ -136,6 +137,109 @@ def transfer(t: Any, where: str, produced: Sequence[Path]) -> None:
         readable_file(f, f"{where}: transfer.files entry")
     if t.task:
         task_split(t.task, t.task_split, t.data_root, f"{where} (transfer.task)")
+
+
+# ---------------------------------------------------------------------------------------------- distillation fit
+def _depth_width(name: str, produced: Sequence[Path], trained: bool = False) -> tuple[int, int] | None:
+    """(layers, hidden size) of a preset or a model directory's config.json (no weights read); None when it is
+    produced later or is not a model (other checks report that) or, with `trained`, is a preset."""
+    # deferred: zoo imports transformers; preflight (check, slurm submit) stays light
+    from trainer.models.zoo import bert_config, resolve
+
+    if _produced(Path(name), produced):
+        return None
+    try:
+        if trained and not isinstance(resolve(name), Path):
+            return None
+        cfg = bert_config(name)
+    except (UserError, OSError, ValueError):
+        return None
+    return cfg.num_hidden_layers, cfg.hidden_size
+
+
+def _store_manifest(directory: str | None, produced: Sequence[Path]) -> dict[str, Any]:
+    """A store's manifest: its kind and, with stored [CLS] states, their layers and the teacher's depth and width."""
+    if not directory or _produced(Path(directory), produced):
+        return {}
+    try:
+        manifest = json.loads((Path(directory).expanduser() / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}  # readable_dir and the store's reader say what is wrong with it
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def distill_fit(recipe: Any, where: str, produced: Sequence[Path] = ()) -> None:
+    """The student, teacher and store of a distill recipe fit each other: Patient KD's depths, widths and layer map,
+    the cosine term's widths. Read from a preset, config.json files and the store's manifest, so a run that would
+    die at its first step (or, for a layer map, silently train without it) stops before any model is built."""
+    store = _store_manifest(recipe.data.store, produced)
+    kind = store.get("kind") or ("mlm" if recipe.data.corpus else "classification")
+    loss, teacher_name = recipe.loss, recipe.teacher.model
+    student = _depth_width(recipe.model.name, produced)
+    teacher = _depth_width(teacher_name, produced, trained=True) if teacher_name else None
+    cosine = kind == "mlm" and loss.a_cos > 0 and not store and not loss.projection
+    if cosine and student and teacher and student[1] != teacher[1]:
+        raise UserError(
+            f"{where}: the cosine term (loss.a_cos > 0) compares hidden states, but model.name "
+            f"{recipe.model.name} is {student[1]} wide and teacher.model {teacher_name} {teacher[1]}: set "
+            "loss.projection=true (a learned projection), give a student as wide as the teacher, or loss.a_cos=0"
+        )
+    if kind == "classification" and loss.beta > 0:
+        if teacher_name:
+            _patient_kd_fit(recipe, where, student, teacher, f"teacher.model {teacher_name}", None)
+        elif store:
+            layers = store.get("cls_layers") or []
+            if not layers:
+                raise UserError(
+                    f"{where}: loss.beta > 0 (Patient KD) needs the teacher's [CLS] states: give "
+                    "teacher.model, or a store labeled with output.cls_layers"
+                )
+            teacher = (store.get("teacher_layers"), store.get("hidden_size"))
+            _patient_kd_fit(recipe, where, student, teacher, f"the teacher of {recipe.data.store}", layers)
+
+
+def _patient_kd_fit(
+    recipe: Any,
+    where: str,
+    student: tuple[int, int] | None,
+    teacher: tuple[int | None, int | None] | None,
+    whose: str,
+    stored: list[int] | None,
+) -> None:
+    """PKD pairs student layers 1..L_s-1 with teacher layers (distillation.pkd_layer_map) and compares their
+    normalised [CLS] states: the student needs 2..L_t layers and the teacher's width; from a store (`stored`: its
+    [CLS] layers), every mapped teacher layer must be stored."""
+    if student is None or teacher is None or None in teacher:
+        return  # produced by an earlier job, or not readable: checked when it exists
+    (layers, hidden), (depth, width), name = student, teacher, recipe.model.name
+    pkd = f"{where}: loss.beta > 0 (Patient KD, loss.pkd_scheme={recipe.loss.pkd_scheme})"
+    if layers < 2:
+        raise UserError(
+            f"{pkd} pairs student layers 1..L-1 with teacher layers; model.name {name} has 1 layer, so none: "
+            "give a deeper student, or loss.beta=0"
+        )
+    if layers > depth:
+        raise UserError(
+            f"{pkd} pairs each student layer with a teacher layer, but model.name {name} has {layers} layers and "
+            f"{whose} has {depth}: give a student of at most {depth} layers"
+        )
+    if hidden != width:
+        raise UserError(
+            f"{pkd} compares [CLS] states, which needs equal widths, but model.name {name} is {hidden} wide and "
+            f"{whose} is {width}: give a student {width} wide (`wellread init-student --teacher TEACHER` cuts one "
+            "out of it), or loss.beta=0"
+        )
+    if stored is not None:
+        # deferred: distillation imports torch; only Patient KD from stored [CLS] states needs the map here
+        from trainer.models.distillation import pkd_layer_map
+
+        needed = [t for _, t in pkd_layer_map(depth, layers, recipe.loss.pkd_scheme)]
+        if any(t not in stored for t in needed):
+            raise UserError(
+                f"{pkd} ({depth} -> {layers} layers) needs the teacher's [CLS] states after layers {needed}; "
+                f"data.store {recipe.data.store} holds layers {stored}: re-label with output.cls_layers={needed}, "
+                "or give teacher.model"
+            )
 
 
 # ---------------------------------------------------------------------------------------------- engine fit
@@ -298,6 +402,7 @@ def check_recipe(
             transfer(d.transfer, where, produced)
         if d.eval_task:
             task_split(d.eval_task, d.eval_split, d.data_root, f"{where}: data.eval_task")
+        distill_fit(recipe, where, produced)
         engine_fit(recipe, recipe.model.name, res, where, d.max_seq_len or 128, out)
     else:
         raise UserError(f"check: stage '{stage}' has no recipe")

@@ -55,6 +55,7 @@ from trainer.loop import Stage, Trainer, run_stage
 from trainer.models.distillation import HiddenProjection, pkd_layer_map
 from trainer.models.teacher import Teacher, teacher_dir
 from trainer.models.zoo import resolve
+from trainer.preflight import distill_fit
 from trainer.recipes.distill import DistillRecipe
 from trainer.registry import add_recipe_arguments
 
@@ -76,7 +77,9 @@ class DistillStage(Stage):
 
     # -- building
     def prepare(self, env: DistEnv, where: str) -> None:
-        """The tokenizer checks and the frozen online teacher (never partitioned: it is not trained)."""
+        """The fit of student, teacher and store (from their configs), the tokenizer checks and the frozen online
+        teacher (never partitioned: it is not trained)."""
+        distill_fit(self.recipe, where)
         self.tokenizer = self._student_tokenizer()
         if self.recipe.teacher.model:
             self.teacher = self._load_teacher()
@@ -224,7 +227,7 @@ class ClassifierDistill(DistillStage):
         )
         self.teacher_layers: list[int] = []  # PKD: the teacher layers whose [CLS] states the student meets, in order
         self.cls_index: list[int] | None = None  # PKD from the store: which stored [CLS] layers, in map order
-        student_layers = self._patient_kd(where) if loss.beta > 0 else []
+        student_layers = self._patient_kd() if loss.beta > 0 else []
         self.eval_enc = None
         if data.eval_task:
             self.task = resolve_task(data.eval_task)
@@ -241,28 +244,14 @@ class ClassifierDistill(DistillStage):
         found += [resolve_task(task).class_names for task in (self.recipe.data.eval_task, transfer.task) if task]
         return next((names for names in found if names is not None and len(names) == num_classes), None)
 
-    def _patient_kd(self, where: str) -> list[int]:
-        """The PKD layer map (student layers returned); the teacher's states come online, else from the store."""
-        loss = self.recipe.loss
-        stored = self.store.cls_layers if self.store is not None else []
-        if self.teacher is None and not stored:
-            raise UserError(
-                f"{where}: loss.beta > 0 (Patient KD) needs the teacher's [CLS] states: give "
-                "teacher.model, or a store labeled with output.cls_layers"
-            )
+    def _patient_kd(self) -> list[int]:
+        """The PKD layer map (student layers returned); the teacher's states come online, else from the store.
+        Depths, widths and the stored layers were checked against it in prepare (preflight.distill_fit)."""
         depth = self.teacher.depth if self.teacher is not None else self.store.teacher_layers
-        pairs = pkd_layer_map(depth, self.hf.config.num_hidden_layers, loss.pkd_scheme)
+        pairs = pkd_layer_map(depth, self.hf.config.num_hidden_layers, self.recipe.loss.pkd_scheme)
         self.teacher_layers = [t for _, t in pairs]
         if self.teacher is None:
-            missing = [t for t in self.teacher_layers if t not in stored]
-            if missing:
-                raise UserError(
-                    f"{where}: PKD-{loss.pkd_scheme} ({depth} -> {self.hf.config.num_hidden_layers} "
-                    f"layers) needs the teacher's [CLS] states after layers {self.teacher_layers}; "
-                    f"{self.store.directory} holds layers {stored}: re-label with "
-                    f"output.cls_layers={self.teacher_layers}, or give teacher.model"
-                )
-            self.cls_index = [stored.index(t) for t in self.teacher_layers]
+            self.cls_index = [self.store.cls_layers.index(t) for t in self.teacher_layers]
         self.source["pkd_map"] = pairs
         self.source["pkd_teacher_states"] = "online" if self.teacher is not None else "store"
         return [s for s, _ in pairs]
@@ -356,12 +345,7 @@ class MLMDistill(DistillStage):
         if loss.a_cos > 0:
             if self.teacher is None:
                 raise UserError(f"{where}: loss.a_cos > 0 needs teacher.model (the teacher's hidden states)")
-            hs, ht = self.hf.config.hidden_size, self.teacher.hidden_size
-            if hs != ht and not loss.projection:
-                raise UserError(
-                    f"{where}: the cosine term compares hidden states, but the student is {hs} wide and "
-                    f"the teacher {ht}: set loss.projection=true (a learned projection) or loss.a_cos=0"
-                )
+            hs, ht = self.hf.config.hidden_size, self.teacher.hidden_size  # equal unless loss.projection (prepare)
             projection = HiddenProjection(hs, ht) if hs != ht else None
         self.eval_corpus = TokenShards(data.eval_corpus, verify=data.verify) if data.eval_corpus else None
         return MLMDistiller(
