@@ -28,9 +28,7 @@ time.sleep(600)
 
 def hold_in_child(out: Path, part: str = "") -> subprocess.Popen:
     """A live process holding `out`'s lock (with `part`: shared, plus the part exclusively)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(out), part], cwd=ROOT, stdout=subprocess.PIPE, text=True
-    )
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(out), part], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc
 
