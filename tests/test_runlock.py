@@ -125,3 +125,28 @@ def test_the_pipeline_refuses_a_second_pipeline_and_waits_then_stops_for_a_live_
     assert proc.returncode == RunDirBusy.exit_code, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "waiting up to 2s" in proc.stderr and f"pid {holder.pid}" in proc.stderr, proc.stderr[-3000:]
     assert not (stage_dir / "export").exists()
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["clear", "resume"])
+def test_the_step_executor_of_both_runners_never_clears_or_resumes_under_a_live_writer(tmp_path, monkeypatch, resume):
+    """The local pipeline and the Slurm in-job runner (a requeued job whose previous instance still runs on
+    another node) start every node through execute.Step.start: a live holder of the node's lock stops it."""
+    from trainer.pipeline.cache import STARTED, Status
+    from trainer.pipeline.execute import Step
+    from trainer.pipeline.graph import Node
+
+    node = Node(id="runs/x", kind="finetune", out_dir=tmp_path / "runs" / "x")
+    node.out_dir.mkdir(parents=True)
+    (node.out_dir / STARTED).write_text("{}")
+    (node.out_dir / "checkpoint-of-the-live-run").write_text("precious")
+    monkeypatch.setenv("WELLREAD_LOCK_WAIT_S", "0")
+    holder = hold_in_child(node.out_dir)
+    try:
+        with pytest.raises(RunDirBusy, match=f"pid {holder.pid}"):
+            Step(node, Status(cached=False, reason="new", key="k", resume=resume), ["true"], runner=None).start()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (node.out_dir / "checkpoint-of-the-live-run").read_text() == "precious"
+    Step(node, Status(cached=False, reason="new", key="k", resume=resume), ["true"], runner=None).start()
+    assert (node.out_dir / "checkpoint-of-the-live-run").exists() == resume  # cleared only when not resuming
