@@ -16,6 +16,7 @@ import datetime
 import os
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -135,5 +136,11 @@ def all_reduce_sum(values: list[float], device: torch.device | None = None) -> l
 
 
 def shutdown() -> None:
-    if dist.is_initialized():
+    """Leave the process group. DeepSpeed keeps references to the group it was given (deepspeed.comm, its group
+    cache): destroying the group through it releases them, so a later init_distributed in the same process (a
+    second stage run in-process) gets a working group rather than "Group ... is not registered"."""
+    ds_comm = sys.modules.get("deepspeed.comm")  # imported only if a stage used DeepSpeed: nothing to release else
+    if ds_comm is not None and ds_comm.is_initialized():
+        ds_comm.destroy_process_group()
+    elif dist.is_initialized():
         dist.destroy_process_group()
