@@ -110,6 +110,18 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         report.longrepr = f"CI=true: a {'/'.join(marks)} test may not be skipped: {reason.removeprefix('Skipped: ')}"
 
 
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """Each test gets the environment the previous one found: in-process runs call `init_distributed()`, which
+    exports RANK, WORLD_SIZE, LOCAL_RANK and MASTER_* for DeepSpeed; left behind, they would make every later
+    subprocess run look like a rank of a multi-process launch (tests/test_launcher_engine.py checks)."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def real_data() -> Path:
     """The full data folder (tests using it must be marked realdata)."""

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from trainer.engine import batch_plan, build_ds_config, load_ds_config, lr_lambda, precision, zero_stage
 from trainer.errors import UserError
-from trainer.launcher import DistEnv, detect
+from trainer.launcher import DistEnv, detect, init_distributed, shutdown
 from trainer.recipes.base import TrainSection
 
 
@@ -87,3 +88,34 @@ def test_warmup_then_linear_decay():
     f = lr_lambda(TrainSection(steps=100, warmup_steps=10))
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5) and f(100) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- environment leak
+DIST_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+ENV_AT_COLLECTION = {key: os.environ.get(key) for key in DIST_KEYS}  # before any test of the session ran
+_exported: list[dict[str, str]] = []
+
+
+def test_init_distributed_exports_the_rank_for_deepspeed():
+    """An in-process run (tests/test_pretrain.py does one) exports the rank variables DeepSpeed reads..."""
+    env = init_distributed(DistEnv(rank=0, world_size=1, master_port=29517))
+    try:
+        _exported.append({key: os.environ.get(key) for key in DIST_KEYS})
+        assert _exported[0] == {
+            "RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_RANK": "0",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": "29517",
+        }
+        assert env.launcher == "single"
+    finally:
+        shutdown()
+
+
+def test_the_next_test_finds_no_rank_in_its_environment():
+    """... and the next test (and the subprocess runs it starts) no longer sees them: tests/conftest.py restores
+    os.environ after every test. Without that, a later `run(1, ...)` would be taken for rank 0 of a launch."""
+    if not _exported:
+        pytest.skip("checks what the test before it left behind: run it with that test")
+    assert {key: os.environ.get(key) for key in DIST_KEYS} == ENV_AT_COLLECTION

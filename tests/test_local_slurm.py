@@ -78,9 +78,15 @@ def test_start_refuses_beside_a_foreign_slurmctld_and_stop_leaves_it_alone(tmp_p
     )
     assert named, proc.stderr
     pgrep = subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True, text=True)
-    others = {int(p) for p in pgrep.stdout.split()}
-    if others == {fake_daemon.pid}:  # else a real local cluster (another WELLREAD_SLURM_DIR) may be named first
-        assert int(named.group(1)) == fake_daemon.pid
+    assert int(named.group(1)) in {int(p) for p in pgrep.stdout.split()}  # a running slurmctld is named
+    # A real local cluster (another WELLREAD_SLURM_DIR) may be named first, so ask again with a `pgrep` that sees
+    # the fake controller alone: it alone is reason enough to refuse, and it is the one named.
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "pgrep").write_text(f"#!/bin/sh\necho {fake_daemon.pid}\n")
+    (shim / "pgrep").chmod(0o755)
+    proc = local_slurm(tmp_path, "start", PATH=f"{shim}:{os.environ['PATH']}")
+    assert proc.returncode == 1 and f"slurmctld pid {fake_daemon.pid} is running and was not started" in proc.stderr
     assert fake_daemon.poll() is None and not (tmp_path / "private").exists()
     # a pid file naming that process (stale, or planted) is not enough for `stop` to signal it:
     # the process must run this script's config

@@ -185,26 +185,59 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, recipe):
     assert "wellread: error: 3 non-finite steps in a row (last at step 4)" in proc.stderr
 
 
+#: Two fp32 evaluations of the same weights in different operation orders (the training model: fused LayerNorm /
+#: GELU reference, sparse chunked head; plain transformers: its own modules, dense head).  Their longest sum is
+#: the softmax normaliser over V = 30,522 logits: rounding error ~sqrt(V) u = 1.0e-5 relative (u = 2**-24) on
+#: each side, 2.1e-5 between them; the mean over hundreds of masked tokens only averages it down.
+SAME_WEIGHTS_RTOL = 2 * math.sqrt(30522) * 2.0**-24
+
+
 @pytest.mark.slow
-def test_export_loads_in_transformers_with_matching_logits(reference_runs, corpus):
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
+def test_export_loads_in_transformers_with_matching_logits(reference_runs, corpus, recipe):
+    """The ZeRO-3 run's streamed export, loaded by plain transformers, gives the training model's outputs: its
+    masked-token loss and accuracy on the evaluation masks equal what the run's engine (2 ranks, partitioned)
+    logged in its final evaluation, just before exporting."""
+    from transformers import AutoTokenizer, BertForMaskedLM
 
+    from trainer.config import load_config
     from trainer.data.indexed import TokenShards
-    from trainer.models.mlm import SparseMLM
+    from trainer.data.masking import MaskSpec, mlm_batch
+    from trainer.data.tokenization import special_ids
+    from trainer.recipes.pretrain import PretrainRecipe
 
-    export = reference_runs["zero3"] / "export"
-    model = AutoModelForMaskedLM.from_pretrained(export).eval()
+    run = reference_runs["zero3"]
+    export = run / "export"
+    model = BertForMaskedLM.from_pretrained(export).eval()
     tok = AutoTokenizer.from_pretrained(export)
     assert tok("hello world")["input_ids"][0] == 101
-    ids = torch.from_numpy(TokenShards(corpus)[0].astype(np.int64))[None]
-    mask = torch.ones_like(ids)
-    ours = SparseMLM(model).full_logits(ids, mask)
-    theirs = model(input_ids=ids, attention_mask=mask).logits
-    assert torch.allclose(ours, theirs)
     info = json.loads((export / "wellread.json").read_text())
     assert info["step"] == STEPS and info["stage"] == "pretrain"
+    # the final evaluation's batches and masks, rebuilt as trainer/models/mlm.py:evaluate_mlm builds them
+    cfg = load_config(PretrainRecipe, recipe, [])
+    shards = TokenShards(corpus)
+    vocab = model.config.vocab_size
+    spec = MaskSpec(vocab_size=vocab, specials=special_ids(shards.tokenizer()), mask_prob=cfg.data.eval_mask_prob)
+    n, batch = min(len(shards), cfg.data.eval_max_sequences), cfg.train.micro_batch
+    loss, correct, count = 0.0, 0, 0
+    with torch.no_grad():
+        for first in range(0, n, batch):
+            idx = range(first, min(first + batch, n))
+            b = mlm_batch(
+                [shards[i] for i in idx], [(cfg.data.eval_seed, 0, i) for i in idx], spec, spec.special_table()
+            )
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.reshape(-1, vocab)
+            picked = logits[b["mlm_positions"]]
+            loss += float(torch.nn.functional.cross_entropy(picked, b["mlm_labels"], reduction="sum"))
+            correct += int((picked.argmax(-1) == b["mlm_labels"]).sum())
+            count += len(b["mlm_labels"])
+    logged = {k: metrics(run, f"eval/{k}")[STEPS] for k in ("loss", "mlm_acc", "masked_tokens")}
+    assert count == logged["masked_tokens"] > 300
+    assert loss / count == pytest.approx(logged["loss"], rel=SAME_WEIGHTS_RTOL), (loss / count, logged)
+    # the argmax may flip only where two logits are within rounding of each other: one token at most
+    assert abs(correct - logged["mlm_acc"] * count) <= 1, (correct, logged)
     # the exported weights are the trained ones: same as the 1-rank run's export
-    other = AutoModelForMaskedLM.from_pretrained(reference_runs["1rank"] / "export").eval()
+    other = BertForMaskedLM.from_pretrained(reference_runs["1rank"] / "export").eval()
+    ids = torch.from_numpy(shards[0].astype(np.int64))[None]
     assert torch.allclose(other(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4)
 
 
@@ -234,8 +267,12 @@ def test_tensorboard_events_are_written_and_readable(reference_runs):
     assert "config/text_summary" in acc.Tags()["tensors"]
 
 
-def test_resume_reads_no_data_before_the_cursor(tmp_path, recipe, monkeypatch):
-    """Resuming at step k costs the same as at step 0: the cursor is restored, not replayed."""
+def test_resume_reads_no_data_before_the_cursor(tmp_path, recipe, corpus, monkeypatch):
+    """Resuming at step k costs the same as at step 0: the cursor is restored, not replayed.  On the way (the one
+    run whose training model this process holds): the export, loaded by plain transformers, gives that model's
+    logits."""
+    from transformers import BertForMaskedLM
+
     import trainer.data.indexed as indexed
     from trainer.config import load_config
     from trainer.launcher import init_distributed, shutdown
@@ -244,13 +281,24 @@ def test_resume_reads_no_data_before_the_cursor(tmp_path, recipe, monkeypatch):
     from trainer.stages.pretrain import Pretrain
 
     def pretrain(recipe, env):
-        return Trainer(Pretrain(recipe), env).fit()
+        trainer = Trainer(Pretrain(recipe), env)
+        assert trainer.fit() == 0
+        return trainer
 
     env = init_distributed()
     try:
         out = tmp_path / "inproc"
         base = [f"run.out_dir={out}", "data.eval=null", "train.steps=8", "run.ckpt_every=6"]
-        pretrain(load_config(PretrainRecipe, recipe, base), env)
+        trained = pretrain(load_config(PretrainRecipe, recipe, base), env).engine.module.eval()
+        exported = BertForMaskedLM.from_pretrained(out / "export").eval()
+        shards = indexed.TokenShards(corpus)
+        ids = torch.from_numpy(np.stack([shards[i] for i in range(8) if len(shards[i]) == 64][:4]).astype(np.int64))
+        mask = torch.ones_like(ids)
+        with torch.no_grad():
+            theirs = exported(input_ids=ids, attention_mask=mask).logits
+        # rounding is relative to the size of the terms summed, not to a logit that cancels out: atol on that scale
+        tol = {"rtol": SAME_WEIGHTS_RTOL, "atol": SAME_WEIGHTS_RTOL * float(theirs.abs().max())}
+        torch.testing.assert_close(theirs, trained.full_logits(ids, mask), **tol)
         reads = []
         real = indexed.TokenShards.__getitem__
         monkeypatch.setattr(indexed.TokenShards, "__getitem__", lambda self, i: reads.append(i) or real(self, i))
@@ -303,14 +351,33 @@ def test_srun_on_two_slurm_nodes_matches_one_rank(tmp_path, recipe, reference_ru
     assert_losses_match(metrics(out), metrics(reference_runs["1rank"]), range(1, STEPS + 1))
 
 
+def _safetensors_dtypes(path: Path) -> set[str]:
+    """The dtype codes of a safetensors file's tensors, from its JSON header (8-byte length, then JSON)."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return {entry["dtype"] for name, entry in header.items() if name != "__metadata__"}
+
+
+def start_line(proc) -> str:
+    """A run's first line (trainer/loop.py): ranks, ZeRO stage, batch plan, and what the engine really runs."""
+    return next(line for line in proc.stderr.splitlines() if line.startswith("pretrain: "))
+
+
 @pytest.mark.slow
 def test_offload_and_bf16_configs_agree_with_fp32(tmp_path, recipe, reference_runs):
     """The GPU-oriented configs run on CPU too: optimizer+parameter offload gives the fp32 losses,
-    bf16 (ZeRO-2, fp32 master weights) stays within bf16 rounding of them."""
+    bf16 (ZeRO-2, fp32 master weights) stays within bf16 rounding of them.  That they really offloaded and
+    really ran in bf16 is read from the engine (the start line: `trainer.engine.describe_engine`) and, for bf16,
+    from the model it trained (the export is the engine's module, saved as it is)."""
     reference = metrics(reference_runs["1rank"])
-    pretrain(1, recipe, tmp_path / "offload", "engine.ds_config=zero3_offload", "run.ckpt_every=0", "data.eval=null")
+    proc = pretrain(
+        1, recipe, tmp_path / "offload", "engine.ds_config=zero3_offload", "run.ckpt_every=0", "data.eval=null"
+    )
+    start = start_line(proc)
+    assert "ZeRO stage 3," in start, start
+    assert start.endswith("; parameters float32, offloaded to CPU: optimizer state and parameters"), start
     assert_losses_match(metrics(tmp_path / "offload"), reference, range(1, STEPS + 1))
-    pretrain(
+    proc = pretrain(
         1,
         recipe,
         tmp_path / "bf16",
@@ -319,6 +386,9 @@ def test_offload_and_bf16_configs_agree_with_fp32(tmp_path, recipe, reference_ru
         "run.ckpt_every=0",
         "data.eval=null",
     )
+    start = start_line(proc)
+    assert "ZeRO stage 2," in start and start.endswith("; parameters bfloat16"), start
+    assert _safetensors_dtypes(tmp_path / "bf16" / "export" / "model.safetensors") == {"BF16"}
     bf16 = metrics(tmp_path / "bf16")
     for s in range(1, 5):
         assert bf16[s] == pytest.approx(reference[s], rel=2e-3), (s, bf16[s], reference[s])

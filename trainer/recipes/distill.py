@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from trainer.data.transfer import TransferSection
-from trainer.recipes.base import RunSection, StageRecipe, TrainSection
+from trainer.recipes.base import DebugSection, RunSection, StageRecipe, TrainSection
 
 
 @dataclass
@@ -51,6 +51,12 @@ class LossSection:
 
 
 @dataclass
+class DistillDebug(DebugSection):
+    record_examples: bool = False  # classification: each rank appends the example ids it trains on, one line per
+    # micro-batch, to OUT/debug-examples-rank<r>.jsonl (tests check every example once per epoch)
+
+
+@dataclass
 class DistillRecipe(StageRecipe):
     """`model.name` is the student's start: a preset (random init: the KD baseline) or a pre-training run (PD)."""
 
@@ -61,6 +67,7 @@ class DistillRecipe(StageRecipe):
         default_factory=lambda: TrainSection(steps=0, epochs=1.0, lr=1e-4, micro_batch=32, global_batch=32)
     )
     run: RunSection = field(default_factory=lambda: RunSection(out_dir="runs/distill"))
+    debug: DistillDebug = field(default_factory=DistillDebug)
 
     def validate(self) -> None:
         if not (self.data.store or self.teacher.model):

@@ -31,6 +31,7 @@ See trainer/models/distillation.py for the conventions of each term and how to t
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,7 @@ class DistillStage(Stage):
         """The fit of student, teacher and store (from their configs), the tokenizer checks and the frozen online
         teacher (never partitioned: it is not trained)."""
         distill_fit(self.recipe, where)
+        self.rank = env.rank
         self.tokenizer = self._student_tokenizer()
         if self.recipe.teacher.model:
             self.teacher = self._load_teacher()
@@ -138,6 +140,13 @@ class DistillStage(Stage):
 
     def batch(self, chunk: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def record_examples(self, ids: np.ndarray, epoch: int) -> None:
+        """debug.record_examples: append the example ids this rank trains on (one micro-batch) to its own file."""
+        path = Path(self.recipe.run.out_dir) / f"debug-examples-rank{self.rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps({"epoch": epoch, "ids": [int(i) for i in ids]}) + "\n")
 
     @staticmethod
     def _filler(chunk: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
@@ -279,6 +288,8 @@ class ClassifierDistill(DistillStage):
             teacher_logits, gold = torch.from_numpy(labels["logits"]), torch.from_numpy(labels["gold"])
         else:
             rows, teacher_logits, gold = idx, None, torch.from_numpy(self.encoded.labels[idx])
+        if self.recipe.debug.record_examples:
+            self.record_examples(np.asarray(rows)[weight.numpy() > 0], epoch)  # a filler (weight 0) trains on none
         batch = collate(self.encoded, rows, self.pad_id)
         batch.pop("labels", None)
         batch.update(weight=weight, gold=gold)
