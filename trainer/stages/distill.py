@@ -51,6 +51,7 @@ from trainer.data.transfer import TransferSection, transfer_examples, transfer_f
 from trainer.engine import load_ds_config, precision
 from trainer.errors import UserError
 from trainer.fileio import atomic_write_json
+from trainer.health import prediction_spread
 from trainer.launcher import DistEnv
 from trainer.loop import Stage, Trainer, run_stage
 from trainer.models.distillation import HiddenProjection, pkd_layer_map
@@ -316,7 +317,11 @@ class ClassifierDistill(DistillStage):
         logits = predict(
             trainer.engine.module, self.eval_enc, trainer.env, self.recipe.data.eval_batch_size, self.pad_id
         )
-        return compute_metrics(self.task, logits.argmax(-1), self.eval_enc.labels)
+        preds = logits.argmax(-1)
+        return {
+            **compute_metrics(self.task, preds, self.eval_enc.labels),
+            **prediction_spread(preds, self.eval_enc.labels, False),
+        }
 
 
 class MLMDistill(DistillStage):
