@@ -90,8 +90,24 @@ def test_pretrain_time_budget_stops_exports_and_resumes_to_the_uninterrupted_los
 
 
 # ---------------------------------------------------------------------------------------------- finetune
+@pytest.fixture
+def subprocess_threads():
+    """This process computes with the thread count of a 1-rank subprocess (tests/distributed.py), so a checkpoint
+    written by a killed subprocess continues here with the same arithmetic."""
+    import torch
+    from distributed import env_for
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(env_for(1)["OMP_NUM_THREADS"]))
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.slow
-def test_finetune_sigkill_and_resume_match_and_old_checkpoints_are_pruned(tmp_path):
+def test_finetune_sigkill_and_resume_match_and_old_checkpoints_are_pruned(
+    tmp_path, capsys, one_process, subprocess_threads
+):
+    """The uninterrupted and the resumed run in this process; the killed one a real process, SIGKILLed."""
     recipe = tmp_path / "ft.yaml"
     recipe.write_text(f"""
 data: {{task: sst2, max_train_examples: 128, max_seq_len: 64, eval_split: dev, data_root: {FIXTURE_DATA}}}
@@ -101,15 +117,16 @@ engine: {{ds_config: zero2}}
 run: {{log_every: 1, ckpt_every: 2, keep_checkpoints: 2, tensorboard: false}}
 """)
     reference, out = tmp_path / "reference", tmp_path / "killed"
-    run(1, "finetune", str(recipe), f"run.out_dir={reference}")
+    assert fit(one_process, "finetune", recipe, f"run.out_dir={reference}") == 0
     log = tmp_path / "killed.log"
     proc = start(1, "finetune", str(recipe), f"run.out_dir={out}", "debug.step_sleep=1.0", log=log)
     wait_for(lambda: max_step(out) >= 3 and (out / "checkpoints" / "latest.json").is_file(), proc=proc, log=log)
     kill_group(proc)
     saved = latest(out)["step"]
     assert saved in (2, 4) and saved < 6, saved
-    resumed = run(1, "finetune", str(recipe), f"run.out_dir={out}")
-    assert f"at step {saved}" in resumed.stderr
+    capsys.readouterr()
+    assert fit(one_process, "finetune", recipe, f"run.out_dir={out}") == 0
+    assert f"at step {saved}" in capsys.readouterr().err
     assert_bitwise(metrics(out), metrics(reference), range(saved + 1, 7))
     assert metrics(out, "eval_dev/accuracy")[6] == metrics(reference, "eval_dev/accuracy")[6]
     # keep_checkpoints: 2 -> of the saves at steps 2, 4, 6 only the newest two stay, and latest.json names one
