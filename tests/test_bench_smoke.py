@@ -62,11 +62,7 @@ def test_softlabels_bench_against_dense_npy_and_plain_inference(tmp_path):
         *("--student-steps", "1", "--student-warmup", "0", "--label-examples", "48", "--label-batch", "16"),
         *("--label-repeats", "1", "--data-root", str(FIXTURE_DATA), "--tmp", str(tmp_path)),
     ]
-    # Remove `known` once the bench's labeling teacher is a saved directory: since commit 0147592 a teacher whose
-    # head would be random (the bench's MiniLM encoder + a new 2-class head) is refused, so the bench stops there.
-    untrained = "not a trained classification teacher"
-    why = "tools/bench/softlabels.py labels with an untrained MiniLM head, refused since 0147592 (issue 19)"
-    report = bench("softlabels.py", *small, out=tmp_path / "s.json", known={untrained: why})
+    report = bench("softlabels.py", *small, out=tmp_path / "s.json")
     cls = report["storage"]["classification"]
     assert cls["examples"] == 300 and cls["num_classes"] == 2 and cls["shards"] >= 1
     assert cls["bytes_per_example"] == pytest.approx(cls["total_bytes"] / 300)

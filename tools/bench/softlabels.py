@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -445,7 +446,17 @@ def labeling(tmp: Path, args) -> dict:
     from trainer.recipes.label import LabelOutput, LabelRecipe
     from trainer.stages import label as lab
 
-    transformers.logging.set_verbosity_error()  # the random classifier head's "newly initialized" warning
+    teacher_dir = tmp / "teacher"
+    if not (teacher_dir / "config.json").is_file():
+        # A saved classifier (MiniLM + a seeded 2-class head): `label` refuses a teacher whose head would be newly
+        # initialised on load; the bench times labeling, for which any fixed head serves.
+        transformers.logging.set_verbosity_error()
+        torch.manual_seed(0)
+        model = transformers.BertForSequenceClassification.from_pretrained(str(minilm_dir()), num_labels=2)
+        model.save_pretrained(teacher_dir)
+        for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+            if (minilm_dir() / name).is_file():
+                shutil.copy(minilm_dir() / name, teacher_dir / name)
     clock = _Clock()
     lab.soft_labels = clock.wrap("forward_s", lab.soft_labels)
     lab.maybe_finalize = clock.wrap("finalize_s", lab.maybe_finalize)  # incl. teacher/transfer fingerprints
@@ -453,7 +464,7 @@ def labeling(tmp: Path, args) -> dict:
 
     def recipe(out_dir: Path, n: int):
         r = LabelRecipe(
-            teacher=str(minilm_dir()),
+            teacher=str(teacher_dir),
             transfer=TransferSection(task="sst2", task_split="train", data_root=str(args.data_root), max_examples=n),
             output=LabelOutput(
                 out_dir=str(out_dir), kind="classification", max_seq_len=args.seq_len, batch_size=args.label_batch
@@ -490,7 +501,7 @@ def labeling(tmp: Path, args) -> dict:
                 flush=True,
             )
     return {
-        "teacher": str(minilm_dir()),
+        "teacher": f"{minilm_dir()} + a seeded 2-class head ({teacher_dir})",
         "examples": args.label_examples,
         "batch_size": args.label_batch,
         "max_seq_len": args.seq_len,
