@@ -194,3 +194,29 @@ run: {{log_every: 1, ckpt_every: 2}}
     losses, logged = metrics(out), {e.step: e.value for e in acc.Scalars("train/loss")}
     assert sorted(logged) == list(range(1, 7))
     assert all(math.isfinite(logged[s]) and logged[s] == pytest.approx(losses[s], rel=1e-6) for s in logged)
+
+
+@pytest.mark.slow
+def test_a_student_started_from_a_checkpoint_trains_with_its_dropout(tmp_path, one_process):
+    """Hugging Face's from_pretrained returns a model in eval mode: PF / PD students and teachers fine-tuned from
+    a checkpoint trained without dropout until their first evaluation, so `model.dropout` changed nothing. The
+    first step's loss (before any update) differs between dropout 0 and 0.3 only if dropout is on."""
+    from test_distill import random_classifier
+
+    teacher = random_classifier(tmp_path / "teacher", 1)
+    init = random_classifier(tmp_path / "init", 2)  # a saved checkpoint as the student's start (PD's case)
+    recipe = tmp_path / "pd.yaml"
+    recipe.write_text(f"""
+data: {{transfer: {{task: sst2, task_split: train, max_examples: 32, data_root: {FIXTURE_DATA}}}, verify: size}}
+teacher: {{model: {teacher}}}
+model: {{name: {init}}}
+train: {{epochs: null, steps: 1, micro_batch: 16, global_batch: 16, lr: 1.0e-3, warmup_steps: 0, seed: 3}}
+engine: {{ds_config: zero0}}
+run: {{log_every: 1, tensorboard: false}}
+""")
+    first = {}
+    for p in (0.0, 0.3):
+        out = tmp_path / f"dropout-{p}"
+        assert fit(one_process, "distill", recipe, f"run.out_dir={out}", f"model.dropout={p}") == 0
+        first[p] = metrics(out)[1]
+    assert first[0.0] != first[0.3], first

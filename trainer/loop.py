@@ -291,6 +291,10 @@ class Trainer:
 
     def _fit(self) -> int:
         preemption.install()
+        # Training mode, whatever built the model: Hugging Face's from_pretrained returns it in eval mode, so a
+        # student started from a checkpoint (PF, PD, a teacher fine-tuned from MiniLM) trained without dropout
+        # until its first evaluation (which ends in train()).
+        self.engine.train()
         train, state = self.train, self.state
         t_start = time.time()
         self._rate_mark = (time.time(), state.step, state.tokens_seen, state.examples_seen)
