@@ -360,3 +360,18 @@ def test_eta_uses_only_recorded_times_of_the_same_kind_and_size():
     eta = clock.eta([(node("distill", "tiny"), None), (node("pretrain", "tiny"), {"seconds": 60.0})])
     assert eta == "~3m00s"  # a stage's own previous time first
     assert clock.eta([(node("distill", "tiny"), None), (node("label"), None)]).startswith("more than ~2m00s")
+
+
+def test_the_demo_gives_pd_its_own_learning_rate_and_every_method_the_same_dropout():
+    """The `pd` section overrides the PD runs only (their pre-trained start drifted at KD's 1e-3), and PF / PD do
+    not inherit the pre-training's dropout 0: every student trains with 0.1, as Basic's and KD's fresh models."""
+    from trainer.pipeline.graph import build_graph
+    from trainer.pipeline.study import load_study
+
+    study, students = load_study(ROOT / "recipes" / "demo_study.yaml", ["study.out_dir=/tmp/never-written"])
+    graph = build_graph(study, students, "demo_study.yaml")
+    recipes = {node.meta.get("method"): node.recipe for node in graph if node.meta.get("role") != "teacher"}
+    assert recipes["pd"]["train"]["lr"] == 3e-4 and recipes["kd"]["train"]["lr"] == 1e-3
+    assert {m: recipes[m]["model"]["dropout"] for m in ("basic", "pf", "kd", "pd")} == dict.fromkeys(
+        ("basic", "pf", "kd", "pd"), 0.1
+    )

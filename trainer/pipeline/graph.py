@@ -508,7 +508,16 @@ class _Builder:
                     for seed in seeds:
                         for lr in self.lrs():
                             score = self.distill_run(
-                                method, st.name, [st.distill], ts, seed, lr, init, store, [*store_deps, *deps], inputs
+                                method,
+                                st.name,
+                                [self.study.pd, st.distill] if method == "pd" else [st.distill],
+                                ts,
+                                seed,
+                                lr,
+                                init,
+                                store,
+                                [*store_deps, *deps],
+                                inputs,
                             )
                             if method == "pd":
                                 pd_scores[(seed, lr)] = score

@@ -134,6 +134,9 @@ class StudyRecipe:
     pretrain: dict[str, Any] = field(default_factory=dict)  # PretrainRecipe overrides, every student
     finetune: dict[str, Any] = field(default_factory=dict)  # FinetuneRecipe overrides, every student
     distill: dict[str, Any] = field(default_factory=dict)  # DistillRecipe overrides, every student
+    # DistillRecipe overrides of the PD runs only (before a student's own): a pre-trained start may want another
+    # learning rate than KD's random one (the demo's 1e-3 let PD drift to the majority class on amazon_books)
+    pd: dict[str, Any] = field(default_factory=dict)
     search: SearchSection = field(default_factory=SearchSection)
     pkd: PKDSection = field(default_factory=PKDSection)
 
