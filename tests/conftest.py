@@ -149,6 +149,17 @@ def minilm_dir() -> Path:
     return minilm_dir()
 
 
+def tiny_corpus(out: Path, seq_len: int = 32) -> Path:
+    """The first demo book, preprocessed into `seq_len`-token sequences at `out` (the training tests' corpus)."""
+    from trainer.data.preprocess import PackOptions, preprocess
+    from trainer.data.text_sources import SourceSpec
+
+    preprocess(
+        SourceSpec(files=DEMO_BOOKS[:1], strip_gutenberg=True), out, None, PackOptions(seq_len=seq_len), progress=False
+    )
+    return out
+
+
 def read_book(path: Path) -> str:
     """Independent Gutenberg body extraction (the text between the START and END marker lines)."""
     text = gzip.open(path, "rt", encoding="utf-8-sig").read()

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import DEMO_BOOKS
+from conftest import tiny_corpus
 from distributed import metrics, run
 
 SAVE_POINTS = ["before_publish", "before_latest", "before_prune"]
@@ -21,17 +21,9 @@ EXPORT_POINTS = ["export_before_link", "export_before_cleanup"]
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory) -> Path:
-    from trainer.data.preprocess import PackOptions, preprocess
-    from trainer.data.text_sources import SourceSpec
 
     root = tmp_path_factory.mktemp("atomic")
-    preprocess(
-        SourceSpec(files=DEMO_BOOKS[:1], strip_gutenberg=True),
-        root / "corpus",
-        None,
-        PackOptions(seq_len=32),
-        progress=False,
-    )
+    tiny_corpus(root / "corpus")
     path = root / "r.yaml"
     path.write_text(f"""
 data: {{train: {root / "corpus"}, verify: size}}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURE_DATA
+from conftest import FIXTURE_DATA, tiny_corpus
 from distributed import kill_group, max_step, metrics, run, start, wait_for
 
 N_TRANSFER = 257  # 4 global batches of 64 + 1: the last global batch has a single example
@@ -281,24 +281,15 @@ def test_patient_kd_from_stored_cls_states_needs_no_teacher(tmp_path, store, tea
 @pytest.fixture(scope="module")
 def mlm_setup(tmp_path_factory) -> dict[str, Path]:
     """A random MLM teacher (2 x 128), a 1-layer student copied from its layer 0, the demo book as shards."""
-    from conftest import DEMO_BOOKS
     from transformers import BertForMaskedLM
 
-    from trainer.data.preprocess import PackOptions, preprocess
-    from trainer.data.text_sources import SourceSpec
     from trainer.models.zoo import bert_config
 
     root = tmp_path_factory.mktemp("mlm")
     torch.manual_seed(4)
     teacher = _save_teacher(BertForMaskedLM(bert_config("bert-L2-H128")), root / "teacher")
     run(1, "init-student", "--teacher", str(teacher), "--layers", "0", "--out", str(root / "student"))
-    preprocess(
-        SourceSpec(files=DEMO_BOOKS[:1], strip_gutenberg=True),
-        root / "corpus",
-        None,
-        PackOptions(seq_len=32),
-        progress=False,
-    )
+    tiny_corpus(root / "corpus")
     recipe = root / "distilbert.yaml"
     recipe.write_text(f"""
 data: {{corpus: {root / "corpus"}, eval_corpus: {root / "corpus"}, eval_max_sequences: 32, verify: size}}

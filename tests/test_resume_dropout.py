@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import DEMO_BOOKS, FIXTURE_DATA
+from conftest import FIXTURE_DATA, tiny_corpus
 from distributed import kill_group, max_step, metrics, run, start, wait_for
 from inprocess import fit, one_process_fixture  # noqa: F401 (the one_process fixture)
 
@@ -43,17 +43,9 @@ def latest(out: Path) -> dict:
 # ---------------------------------------------------------------------------------------------- pretrain
 @pytest.fixture(scope="module")
 def pretrain_recipe(tmp_path_factory) -> Path:
-    from trainer.data.preprocess import PackOptions, preprocess
-    from trainer.data.text_sources import SourceSpec
 
     root = tmp_path_factory.mktemp("pt-dropout")
-    preprocess(
-        SourceSpec(files=DEMO_BOOKS[:1], strip_gutenberg=True),
-        root / "corpus",
-        None,
-        PackOptions(seq_len=32),
-        progress=False,
-    )
+    tiny_corpus(root / "corpus")
     path = root / "pretrain.yaml"
     path.write_text(f"""
 data: {{train: {root / "corpus"}, eval: {root / "corpus"}, eval_max_sequences: 8, verify: size}}

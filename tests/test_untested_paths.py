@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import DEMO_BOOKS, FIXTURE_DATA, run_cli
+from conftest import FIXTURE_DATA, run_cli, tiny_corpus
 from distributed import metrics, run
 from inprocess import fit, one_process_fixture  # noqa: F401 (the one_process fixture)
 
@@ -77,17 +77,13 @@ def test_evaluate_mlm_command_equals_plain_transformers_on_the_same_masks(tmp_pa
 
     from trainer.data.indexed import TokenShards
     from trainer.data.masking import MaskSpec, mask_one
-    from trainer.data.preprocess import PackOptions, preprocess
-    from trainer.data.text_sources import SourceSpec
     from trainer.data.tokenization import load_tokenizer, special_ids
     from trainer.models.zoo import bert_config
 
     torch.manual_seed(2)
     model_dir = save_hf(BertForMaskedLM(bert_config("bert-L2-H128")), tmp_path / "model")
     corpus = tmp_path / "corpus"
-    preprocess(
-        SourceSpec(files=DEMO_BOOKS[:1], strip_gutenberg=True), corpus, None, PackOptions(seq_len=48), progress=False
-    )
+    tiny_corpus(corpus, seq_len=48)
     n, seed = 7, 5  # 7 sequences in batches of 3: a short last batch
     out = tmp_path / "m.json"
     args = ("--model", str(model_dir), "--data", str(corpus), "--seq-len", "48", "--batch-size", "3")
@@ -192,13 +188,8 @@ def test_pd_ft_fine_tunes_the_pd_run_chosen_by_the_learning_rate_search(tmp_path
     the teacher fine-tuning and preprocessing stages out (tests/test_pipeline.py runs those)."""
     from test_pipeline import final_eval, lines_with, pipeline, study_yaml
 
-    from trainer.data.preprocess import PackOptions, preprocess
-    from trainer.data.text_sources import SourceSpec
-
     corpus = tmp_path / "corpus"
-    preprocess(
-        SourceSpec(files=DEMO_BOOKS[:1], strip_gutenberg=True), corpus, None, PackOptions(seq_len=64), progress=False
-    )
+    tiny_corpus(corpus, seq_len=64)
     teacher = classifier(tmp_path / "teacher", seed=1, head_scale=40.0)
     out, lrs = tmp_path / "study", [1e-3, 0.0]
     recipe = study_yaml(
@@ -257,16 +248,7 @@ def test_pretrain_sbatch_runs_to_its_export(tmp_path):
     """slurm/pretrain.sbatch as documented (`sbatch slurm/pretrain.sbatch RECIPE key=value`), on the local cluster."""
     from test_slurm import TIMEOUT, job_env, log_of, sbatch, states, wait_jobs
 
-    from trainer.data.preprocess import PackOptions, preprocess
-    from trainer.data.text_sources import SourceSpec
-
-    preprocess(
-        SourceSpec(files=DEMO_BOOKS[:1], strip_gutenberg=True),
-        tmp_path / "corpus",
-        None,
-        PackOptions(seq_len=32),
-        progress=False,
-    )
+    tiny_corpus(tmp_path / "corpus")
     recipe = tmp_path / "pretrain.yaml"
     recipe.write_text(f"""
 data: {{train: {tmp_path / "corpus"}, verify: size}}
