@@ -104,6 +104,7 @@ def shapes(tmp_path_factory) -> dict[str, Path]:
         "teacher": config_dir(root / "t-6x384", 6, 384),  # MiniLM's shape
         "cut": config_dir(root / "s-3x384", 3, 384),  # init-student's default cut of it
         "one": config_dir(root / "s-1x384", 1, 384),
+        "narrow": config_dir(root / "s-3x256", 3, 256),  # PKD-Skip 6 -> 3: teacher layers 2, 4, via a projection
         "store24": store_dir(root / "st-24", cls_layers=[2, 4], teacher_layers=6, hidden_size=384),
         "store2": store_dir(root / "st-2", cls_layers=[2], teacher_layers=6, hidden_size=384),
         "plain": store_dir(root / "st-plain"),
@@ -112,8 +113,14 @@ def shapes(tmp_path_factory) -> dict[str, Path]:
 
 PKD, DISTILBERT = ROOT / "recipes" / "distill_pkd_sst2.yaml", ROOT / "recipes" / "distill_distilbert_minilm.yaml"
 FIT_CASES = {  # recipe, overrides ({name} -> shapes[name]), the error's telling part (None: it fits)
-    "pkd-shipped-shape": (PKD, ["teacher.model={teacher}", "model.name={cut}"], None),
-    "pkd-width": (PKD, ["teacher.model={teacher}", "model.name=bert-L4-H256"], "model.name bert-L4-H256 is 256 wide"),
+    "pkd-shipped": (PKD, ["teacher.model={teacher}"], None),  # bert-L4-H256 under MiniLM, loss.projection
+    "pkd-equal-width": (PKD, ["teacher.model={teacher}", "model.name={cut}"], None),
+    "pkd-width": (
+        PKD,
+        ["teacher.model={teacher}", "loss.projection=false"],
+        "model.name bert-L4-H256 is 256 wide and teacher.model",
+    ),
+    "pkd-width-says-projection": (PKD, ["teacher.model={teacher}", "loss.projection=false"], "loss.projection=true"),
     "pkd-depth": (PKD, ["teacher.model={teacher}", "model.name=bert-L8-H512"], "has 8 layers and teacher.model"),
     "pkd-one-layer": (PKD, ["teacher.model={teacher}", "model.name={one}"], "has 1 layer, so none"),
     "pkd-store-map": (PKD, ["teacher.model=null", "data.store={store24}", "model.name={cut}"], None),
@@ -122,7 +129,12 @@ FIT_CASES = {  # recipe, overrides ({name} -> shapes[name]), the error's telling
         ["teacher.model=null", "data.store={store2}", "model.name={cut}"],
         "holds layers [2]: re-label with output.cls_layers=[2, 4]",
     ),
-    "pkd-store-width": (PKD, ["teacher.model=null", "data.store={store24}", "model.name=bert-L2-H256"], "256 wide"),
+    "pkd-store-width": (
+        PKD,
+        ["teacher.model=null", "data.store={store24}", "model.name=bert-L2-H256", "loss.projection=false"],
+        "256 wide",
+    ),
+    "pkd-store-projection": (PKD, ["teacher.model=null", "data.store={store24}", "model.name={narrow}"], None),
     "pkd-store-no-cls": (PKD, ["teacher.model=null", "data.store={plain}", "model.name={cut}"], "output.cls_layers"),
     "distilbert-shipped-shape": (DISTILBERT, ["teacher.model={teacher}", "model.name={cut}"], None),
     "distilbert-width": (
@@ -158,14 +170,15 @@ def test_distill_fit_refuses_width_depth_and_layer_map_mismatches_in_one_line(ca
 
 
 def test_a_pkd_width_mismatch_stops_the_command_at_start_in_one_line(shapes, tmp_path):
-    """The shipped PKD recipe's old student (bert-L4-H256) with a MiniLM-shaped teacher: exit 2, one line, no
-    traceback, nothing written; the teacher has no weights at all, so the check ran before any loading."""
+    """The shipped PKD recipe's student (bert-L4-H256) with a MiniLM-shaped teacher but without its projection: exit
+    2, one line, no traceback, nothing written; the teacher has no weights at all, so the check ran before any
+    loading."""
     start = time.monotonic()
     proc = run_cli(
         "distill",
         str(PKD),
         f"teacher.model={shapes['teacher']}",
-        "model.name=bert-L4-H256",
+        "loss.projection=false",
         "data.store=null",
         f"run.out_dir={tmp_path / 'out'}",
     )
@@ -173,6 +186,7 @@ def test_a_pkd_width_mismatch_stops_the_command_at_start_in_one_line(shapes, tmp
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert last.startswith("wellread: error: ") and "model.name bert-L4-H256 is 256 wide" in last, last
+    assert "set loss.projection=true" in last, last
     assert not (tmp_path / "out").exists()
     assert elapsed < 30, f"{elapsed:.1f} s to refuse"
 
@@ -190,7 +204,7 @@ def plan(root: Path, minilm: Path) -> list[tuple[str, list[str]]]:
     from conftest import DEMO_BOOKS, FIXTURE_DATA
 
     corpus, store, teacher = root / "corpus", root / "store", root / "finetune_minilm_sst2.yaml"
-    pkd_student, mlm_teacher, mlm_student = root / "minilm-sst2-3l", root / "minilm-mlm", root / "minilm-3l"
+    mlm_teacher, mlm_student = root / "minilm-mlm", root / "minilm-3l"
     shards = [f"data.train={corpus}", f"data.eval={corpus}", "data.eval_max_sequences=8"]
     sst2 = f"data.data_root={root / 'data'}"
 
@@ -218,15 +232,8 @@ def plan(root: Path, minilm: Path) -> list[tuple[str, list[str]]]:
         train("finetune", "finetune_minilm_sst2.yaml", sst2),  # the SST-2 teacher
         ("label_sst2_imdb.yaml", [*label, f"output.out_dir={store}", "output.batch_size=16"]),
         train("distill", "distill_kd_sst2_imdb.yaml", f"data.store={store}", sst2),
-        ("init-student:pkd-student", cut(teacher, pkd_student)),
-        train(
-            "distill",
-            "distill_pkd_sst2.yaml",
-            f"data.store={store}",
-            sst2,
-            f"teacher.model={teacher}",
-            f"model.name={pkd_student}",
-        ),
+        # as shipped: a bert-L4-H256 student under the 384-wide teacher, through its learned projection
+        train("distill", "distill_pkd_sst2.yaml", f"data.store={store}", sst2, f"teacher.model={teacher}"),
         # DistilBERT's MLM teacher: MiniLM's encoder with an MLM head (here the fresh one init-student gives it)
         ("init-student:mlm-teacher", cut(minilm, mlm_teacher, "--layers=0,1,2,3,4,5")),
         ("init-student:distilbert-student", cut("minilm", mlm_student, "--layers=0,2,4")),

@@ -207,8 +207,9 @@ def _patient_kd_fit(
     stored: list[int] | None,
 ) -> None:
     """PKD pairs student layers 1..L_s-1 with teacher layers (distillation.pkd_layer_map) and compares their
-    normalised [CLS] states: the student needs 2..L_t layers and the teacher's width; from a store (`stored`: its
-    [CLS] layers), every mapped teacher layer must be stored."""
+    normalised [CLS] states: the student needs 2..L_t layers and the teacher's width, or another width with
+    loss.projection (a learned map of its states to the teacher's); from a store (`stored`: its [CLS] layers),
+    every mapped teacher layer must be stored."""
     if student is None or teacher is None or None in teacher:
         return  # produced by an earlier job, or not readable: checked when it exists
     (layers, hidden), (depth, width), name = student, teacher, recipe.model.name
@@ -223,11 +224,11 @@ def _patient_kd_fit(
             f"{pkd} pairs each student layer with a teacher layer, but model.name {name} has {layers} layers and "
             f"{whose} has {depth}: give a student of at most {depth} layers"
         )
-    if hidden != width:
+    if hidden != width and not recipe.loss.projection:
         raise UserError(
             f"{pkd} compares [CLS] states, which needs equal widths, but model.name {name} is {hidden} wide and "
-            f"{whose} is {width}: give a student {width} wide (`wellread init-student --teacher TEACHER` cuts one "
-            "out of it), or loss.beta=0"
+            f"{whose} is {width}: set loss.projection=true (a learned projection of the student's states), give a "
+            f"student {width} wide (`wellread init-student --teacher TEACHER` cuts one out of it), or loss.beta=0"
         )
     if stored is not None:
         # deferred: distillation imports torch; only Patient KD from stored [CLS] states needs the map here

@@ -35,7 +35,16 @@ class ClassifierDistiller(nn.Module):
     """Turc et al. and Patient KD on sequence classification.
 
     loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(gold, where gold >= 0)
-           + beta * sum over mapped layers of |cls_s / |cls_s| - cls_t / |cls_t||^2
+           + beta * sum over mapped layers of |P(cls_s) / |P(cls_s)| - cls_t / |cls_t||^2
+
+    P is the identity, or, for a student narrower than its teacher (``loss.projection``), one learned
+    :class:`HiddenProjection` from the student's width to the teacher's, applied to the [CLS] state of every
+    mapped layer. One P shared by all mapped layers, as TinyBERT's single W_h for its hidden-state term: it
+    adds one H_s x H_t matrix whatever the depth, and a map common to all layers makes the student's layers
+    themselves resemble the teacher's (up to one fixed linear change of basis), where a map per layer could
+    absorb more of each layer's mismatch into its own projection. P belongs to this module, so the engine
+    trains it with the student (optimizer, checkpoints, resume); the export writes ``hf`` alone, so P is
+    dropped from the exported model (as MLMDistiller's projection is).
     """
 
     def __init__(
@@ -45,10 +54,12 @@ class ClassifierDistiller(nn.Module):
         alpha: float,
         beta: float = 0.0,
         student_layers: list[int] | None = None,
+        projection: HiddenProjection | None = None,
     ):
         super().__init__()
         self.hf, self.t, self.alpha, self.beta = hf, temperature, alpha, beta
         self.student_layers = student_layers or []  # 1-based layers whose [CLS] meets the teacher's
+        self.projection = projection  # student -> teacher width for the PKD term (None: equal widths)
 
     def logits(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
         return self.hf(input_ids=input_ids, attention_mask=_mask(attention_mask), token_type_ids=token_type_ids).logits
@@ -79,7 +90,10 @@ class ClassifierDistiller(nn.Module):
             "tokens": (attention_mask * weight[:, None].long()).sum(),
         }
         if want_hidden:
-            student_cls = [out.hidden_states[i][:, 0] * weight[:, None] for i in self.student_layers]
+            student_cls = [out.hidden_states[i][:, 0] for i in self.student_layers]
+            if self.projection is not None and student_cls:  # one call for all mapped layers: [B, M, H_t]
+                student_cls = list(self.projection(torch.stack(student_cls, dim=1)).unbind(1))
+            student_cls = [s * weight[:, None] for s in student_cls]  # after P: a filler row is zero, bias or not
             teacher = [teacher_cls[:, j] * weight[:, None] for j in range(teacher_cls.shape[1])]
             pkd = pkd_loss_sum(student_cls, teacher) if self.student_layers else logits.new_zeros(())
             loss = loss + self.beta * pkd

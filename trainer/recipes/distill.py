@@ -41,7 +41,8 @@ class LossSection:
     a_mlm: float = 2.0
     a_cos: float = 1.0
     kd_positions: Literal["masked", "all"] = "masked"  # MLM mode: where the vocabulary KL is taken
-    projection: bool = False  # learned student -> teacher projection when widths differ (cosine term)
+    projection: bool = False  # learned student -> teacher width projection when widths differ (cosine / PKD
+    # terms); trained with the student, kept in checkpoints, left out of the export
 
     def validate(self) -> None:
         if not 0 <= self.alpha <= 1:
