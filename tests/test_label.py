@@ -50,7 +50,7 @@ def test_sentence_splitting_and_html():
         "Really?",
         "Yes. e.g. this stays.",
     ]
-    assert "<br" not in " ".join(s for s, _ in _units(t, text))
+    assert "<br" not in " ".join(e.text_a for e in _units(t, text))
 
 
 def _units(t: TransferSection, text: str):

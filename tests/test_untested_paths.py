@@ -131,7 +131,7 @@ def test_online_teacher_kd_runs_end_to_end_and_matches_the_store_run(tmp_path, o
     from trainer.data.transfer import TransferSection, transfer_examples
 
     section = TransferSection(task="sst2", task_split="train", max_examples=64, data_root=str(FIXTURE_DATA))
-    teacher = input_dependent_classifier(tmp_path / "teacher", [text for text, _ in transfer_examples(section)])
+    teacher = input_dependent_classifier(tmp_path / "teacher", [e.text_a for e in transfer_examples(section)])
     transfer = f"{{task: sst2, task_split: train, max_examples: 64, data_root: {FIXTURE_DATA}}}"
     label = tmp_path / "label.yaml"
     label.write_text(f"""

@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.data.transfer import TransferSection, transfer_examples
 
     transfer = transfer_section(args.examples)
-    texts = [text for text, _ in transfer_examples(TransferSection(**transfer))]
+    texts = [e.text_a for e in transfer_examples(TransferSection(**transfer))]
     results = {
         "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),

@@ -17,7 +17,7 @@ class Encoded:
 
     input_ids: list[np.ndarray]
     token_type_ids: list[np.ndarray]
-    labels: np.ndarray  # int64 class ids, or float32 targets for regression
+    labels: np.ndarray  # int64 class ids (-1 unknown), or float32 targets for regression (NaN unknown)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -27,18 +27,28 @@ class Encoded:
         return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self))
 
 
+def label_array(labels, regression: bool) -> np.ndarray:
+    """Gold labels as the models take them: class ids (int64; -1 for an unknown one, None) or scores (float32, NaN)."""
+    if regression:
+        return np.asarray([np.nan if x is None else x for x in labels], dtype=np.float32)
+    return np.asarray([-1 if x is None else x for x in labels], dtype=np.int64)
+
+
 def encode(examples, tokenizer, max_len: int, regression: bool) -> Encoded:
-    """Tokenize pairs or singles with BERT specials, truncating the longest part first."""
+    """Tokenize pairs or singles with BERT specials (segment ids 0 / 1), truncating the longest part first: the one
+    encoding of fine-tuning, labeling and distillation, so a teacher and its student see the same ids."""
     tok = tokenizer
     tok.enable_truncation(max_length=max_len, strategy="longest_first")
     try:
         pairs = examples[0].text_b is not None if examples else False
+        if any((e.text_b is not None) != pairs for e in examples):
+            raise ValueError("encode: a batch mixes single texts and pairs")
         inputs = [(e.text_a, e.text_b) for e in examples] if pairs else [e.text_a for e in examples]
         encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
         encodings = encode_batch(inputs, add_special_tokens=True)
     finally:
         tok.no_truncation()
-    labels = np.asarray([e.label for e in examples], dtype=np.float32 if regression else np.int64)
+    labels = label_array([e.label for e in examples], regression)
     return Encoded(
         [np.asarray(e.ids, dtype=np.int64) for e in encodings],
         [np.asarray(e.type_ids, dtype=np.int64) for e in encodings],

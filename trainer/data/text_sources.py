@@ -160,7 +160,8 @@ def is_jsonl(path: Path) -> bool:
     return path.name.lower().endswith(JSONL_SUFFIXES)
 
 
-def _jsonl_texts(path: Path, spec: SourceSpec, stats: SourceStats) -> Iterator[str]:
+def _jsonl_rows(path: Path, stats: SourceStats) -> Iterator[tuple[int, object]]:
+    """(line number, decoded record) of every non-blank line; invalid JSON is a one-line error at its line."""
     with open_text(path, stats) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -169,15 +170,28 @@ def _jsonl_texts(path: Path, spec: SourceSpec, stats: SourceStats) -> Iterator[s
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
-            if not isinstance(record, dict) or spec.text_field not in record:
-                raise UserError(f"{path}:{lineno}: record has no '{spec.text_field}' field")
-            text = record[spec.text_field]
-            if not isinstance(text, str):
-                raise UserError(f"{path}:{lineno}: field '{spec.text_field}' is not a string")
-            yield text
+            yield lineno, record
+
+
+def _jsonl_texts(path: Path, spec: SourceSpec, stats: SourceStats) -> Iterator[str]:
+    for lineno, record in _jsonl_rows(path, stats):
+        if not isinstance(record, dict) or spec.text_field not in record:
+            raise UserError(f"{path}:{lineno}: record has no '{spec.text_field}' field")
+        text = record[spec.text_field]
+        if not isinstance(text, str):
+            raise UserError(f"{path}:{lineno}: field '{spec.text_field}' is not a string")
+        yield text
 
 
 def _hf_texts(spec: SourceSpec) -> Iterator[str]:
+    for i, record in enumerate(_hf_rows(spec)):
+        if spec.text_field not in record:
+            raise UserError(f"dataset '{spec.hf_dataset}' row {i}: no '{spec.text_field}' field")
+        yield record[spec.text_field]
+
+
+def _hf_rows(spec: SourceSpec) -> Iterator[dict]:
+    """The rows of `spec.hf_dataset`: a local file or folder (json/parquet/csv/text by suffix) or a hub name."""
     # deferred: datasets (seconds to import) only for a Hugging Face source
     import datasets
 
@@ -194,10 +208,56 @@ def _hf_texts(spec: SourceSpec) -> Iterator[str]:
             ds = datasets.load_dataset(name, spec.hf_config, split=spec.hf_split, streaming=True)
     except Exception as e:  # datasets raises many types for unreachable hubs and bad names
         raise UserError(f"dataset '{name}': cannot load split '{spec.hf_split}': {e}".splitlines()[0]) from None
-    for i, record in enumerate(ds):
-        if spec.text_field not in record:
-            raise UserError(f"dataset '{name}' row {i}: no '{spec.text_field}' field")
-        yield record[spec.text_field]
+    yield from ds
+
+
+def _tsv_records(path: Path, fields: list[str], stats: SourceStats) -> Iterator[tuple[str, dict[str, str]]]:
+    """Rows of a tab-separated file with a header, read as GLUE's are (no quote processing)."""
+    with open_text(path, stats) as f:
+        header = f.readline().rstrip("\n").split("\t")
+        missing = [name for name in fields if name not in header]
+        if missing:
+            raise UserError(f"{path}:1: the header has no column '{missing[0]}' (columns: {', '.join(header)})")
+        where = [header.index(name) for name in fields]
+        for lineno, line in enumerate(f, 2):
+            if not line.strip():
+                continue
+            cells = line.rstrip("\n").split("\t")
+            if len(cells) != len(header):
+                raise UserError(f"{path}:{lineno}: {len(cells)} fields, the header has {len(header)}")
+            yield f"{path}:{lineno}", {name: cells[i] for name, i in zip(fields, where)}
+
+
+def iter_records(spec: SourceSpec, fields: list[str]) -> Iterator[tuple[str, dict[str, str]]]:
+    """Rows with named text fields ("file:line" or "dataset row i", {field: text}) from JSONL, TSV files
+    (`.tsv`, header row) and `spec.hf_dataset`, in a fixed order; a row lacking a field, or a field that is not
+    text, is a one-line error naming it. For examples made of several texts (sentence pairs)."""
+    stats = SourceStats()
+
+    def checked(source: str, record: object) -> dict[str, str]:
+        if not isinstance(record, dict):
+            raise UserError(f"{source}: a record must be an object with fields {', '.join(fields)}")
+        for name in fields:
+            if name not in record:
+                raise UserError(f"{source}: record has no '{name}' field")
+            if not isinstance(record[name], str):
+                raise UserError(f"{source}: field '{name}' is not a string")
+        return {name: record[name] for name in fields}
+
+    for path in spec.files:
+        if not path.is_file():
+            raise UserError(f"{path}: input file not found")
+        name = path.name.lower()
+        if is_jsonl(path):
+            for lineno, record in _jsonl_rows(path, stats):
+                yield f"{path}:{lineno}", checked(f"{path}:{lineno}", record)
+        elif name.endswith((".tsv", ".tsv.gz")):
+            yield from _tsv_records(path, fields, stats)
+        else:
+            raise UserError(f"{path}: rows with fields {', '.join(fields)} are read from JSONL or TSV (header) files")
+    if spec.hf_dataset:
+        for i, record in enumerate(_hf_rows(spec)):
+            yield f"dataset '{spec.hf_dataset}' row {i}", checked(f"dataset '{spec.hf_dataset}' row {i}", record)
 
 
 def iter_pieces(spec: SourceSpec, stats: SourceStats) -> Iterator[tuple[int, str]]:

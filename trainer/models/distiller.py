@@ -35,6 +35,7 @@ class ClassifierDistiller(nn.Module):
     """Turc et al. and Patient KD on sequence classification.
 
     loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(gold, where gold >= 0)
+           (regression, one output: alpha * (s - t)^2 + (1 - alpha) * (s - gold)^2 where gold is known)
            + beta * sum over mapped layers of |P(cls_s) / |P(cls_s)| - cls_t / |cls_t||^2
 
     P is the identity, or, for a student narrower than its teacher (``loss.projection``), one learned
@@ -61,8 +62,23 @@ class ClassifierDistiller(nn.Module):
         self.student_layers = student_layers or []  # 1-based layers whose [CLS] meets the teacher's
         self.projection = projection  # student -> teacher width for the PKD term (None: equal widths)
 
+    @property
+    def regression(self) -> bool:
+        """A one-output student scores (STS-B): the teacher's score is its soft label, squared error the term."""
+        return self.hf.config.num_labels == 1
+
     def logits(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
         return self.hf(input_ids=input_ids, attention_mask=_mask(attention_mask), token_type_ids=token_type_ids).logits
+
+    def _regression(
+        self, score: torch.Tensor, teacher: torch.Tensor, gold: torch.Tensor, keep: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """alpha * sum (s - t)^2 + (1 - alpha) * sum over known gold scores (s - g)^2 (NaN gold: unknown). No
+        temperature: a score has no distribution to soften."""
+        kd = (score - teacher).square().mul(keep).sum()
+        labeled = keep & ~torch.isnan(gold)
+        mse = (score - torch.nan_to_num(gold)).square().mul(labeled).sum()
+        return self.alpha * kd + (1 - self.alpha) * mse, {"kd": kd.detach(), "gold_mse": mse.detach()}
 
     def forward(self, input_ids, attention_mask, token_type_ids, weight, teacher_logits, gold, teacher_cls=None):
         want_hidden = self.beta > 0
@@ -74,21 +90,25 @@ class ClassifierDistiller(nn.Module):
         )
         logits = out.logits.float()
         keep = weight > 0
-        kd = kd_loss_sum(logits, teacher_logits.float(), self.t, mask=keep)
-        labeled = keep & (gold >= 0)
-        ce = F.cross_entropy(logits, gold.clamp(min=0), reduction="none").mul(labeled).sum()
-        loss = self.alpha * kd + (1 - self.alpha) * ce
-        stats = {
-            "examples": weight.sum(),
-            "kd": kd.detach(),
-            "ce": ce.detach(),
-            "labeled": labeled.sum(),
-            "correct": ((logits.detach().argmax(-1) == gold) & labeled).sum(),
-            "agree": ((logits.detach().argmax(-1) == teacher_logits.argmax(-1)) & keep).sum(),
-            # how often each class is the teacher's answer: trainer/health.py compares agreement with the majority's
-            **{f"teacher_class/{c}": ((teacher_logits.argmax(-1) == c) & keep).sum() for c in range(logits.shape[-1])},
-            "tokens": (attention_mask * weight[:, None].long()).sum(),
-        }
+        if self.regression:
+            loss, stats = self._regression(logits[:, 0], teacher_logits[:, 0].float(), gold, keep)
+        else:
+            kd = kd_loss_sum(logits, teacher_logits.float(), self.t, mask=keep)
+            labeled = keep & (gold >= 0)
+            ce = F.cross_entropy(logits, gold.clamp(min=0), reduction="none").mul(labeled).sum()
+            loss = self.alpha * kd + (1 - self.alpha) * ce
+            predicted, answer = logits.detach().argmax(-1), teacher_logits.argmax(-1)
+            stats = {
+                "kd": kd.detach(),
+                "ce": ce.detach(),
+                "labeled": labeled.sum(),
+                "correct": ((predicted == gold) & labeled).sum(),
+                "agree": ((predicted == answer) & keep).sum(),
+                # how often each class is the teacher's answer: trainer/health.py compares agreement with the
+                # majority's
+                **{f"teacher_class/{c}": ((answer == c) & keep).sum() for c in range(logits.shape[-1])},
+            }
+        stats.update(examples=weight.sum(), tokens=(attention_mask * weight[:, None].long()).sum())
         if want_hidden:
             student_cls = [out.hidden_states[i][:, 0] for i in self.student_layers]
             if self.projection is not None and student_cls:  # one call for all mapped layers: [B, M, H_t]

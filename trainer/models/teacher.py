@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from trainer.data.tasks import resolve_task
 from trainer.data.tokenization import load_tokenizer
 from trainer.errors import UserError
 from trainer.fileio import sha256_file
@@ -79,6 +80,24 @@ def teacher_fingerprint(model_dir: Path) -> dict[str, str]:
         "weights_sha256": sha256_file(weights),
         "path": str(model_dir),
     }
+
+
+def model_inputs(model_dir: Path) -> str | None:
+    """ "pair" or "single": what a wellread export was trained on (its wellread.json `inputs`, or for exports made
+    before that was recorded, its fine-tuning task's arity); None for a model wellread did not train."""
+    record = model_dir / "wellread.json"
+    if not record.is_file():
+        return None
+    try:
+        info = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    if info.get("inputs") in ("pair", "single"):
+        return info["inputs"]
+    try:
+        return "pair" if resolve_task(info["task"]).text_b is not None else "single"
+    except (KeyError, TypeError, UserError):
+        return None
 
 
 def load_trained(model_dir: Path, kind: str) -> transformers.PreTrainedModel:
@@ -145,6 +164,11 @@ class Teacher:
     @property
     def depth(self) -> int:
         return self.config.num_hidden_layers
+
+    @property
+    def inputs(self) -> str | None:
+        """What the teacher was trained on: "pair" or "single" texts, else None (unknown: no wellread record)."""
+        return model_inputs(self.directory)
 
     def fingerprint(self) -> dict[str, str]:
         return teacher_fingerprint(self.directory)

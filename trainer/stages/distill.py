@@ -47,7 +47,13 @@ from trainer.data.softlabels import SoftLabelStore
 from trainer.data.task_metrics import compute_metrics
 from trainer.data.tasks import Example, resolve_task
 from trainer.data.tokenization import hf_tokenizer, load_tokenizer, special_ids, tokenizer_hash
-from trainer.data.transfer import TransferSection, transfer_examples, transfer_fingerprint
+from trainer.data.transfer import (
+    PLURAL,
+    TransferSection,
+    transfer_examples,
+    transfer_fingerprint,
+    transfer_inputs,
+)
 from trainer.engine import load_ds_config, precision
 from trainer.errors import UserError
 from trainer.fileio import atomic_write_json
@@ -157,7 +163,7 @@ class DistillStage(Stage):
         return np.zeros(1, dtype=np.int64), torch.zeros(1)
 
     def step_scalars(self, sums: dict[str, float], count: float) -> dict[str, float]:
-        out = {name: sums[name] / count for name in ("kd", "ce", "pkd", "mlm", "cos") if name in sums}
+        out = {name: sums[name] / count for name in ("kd", "ce", "gold_mse", "pkd", "mlm", "cos") if name in sums}
         if "agree" in sums:
             out["teacher_agreement"] = sums["agree"] / count
         if sums.get("labeled"):
@@ -179,6 +185,7 @@ class DistillStage(Stage):
             "metrics": final_metrics,
             "source": self.source,
             "labels": getattr(getattr(self, "task", None), "labels", None),
+            "inputs": getattr(self, "inputs", None),  # classification: "single" or "pair" (a teacher's arity check)
         }
 
 
@@ -193,8 +200,9 @@ class ClassifierDistill(DistillStage):
     def eval_prefix(self) -> str:
         return f"eval_{self.recipe.data.eval_split}"
 
-    def _transfer(self, where: str) -> tuple[TransferSection, list[tuple[str, int]]]:
-        """The transfer set: the recipe's, else the one the store was labeled on; checked against the store."""
+    def _transfer(self, where: str) -> tuple[TransferSection, list[Example]]:
+        """The transfer set: the recipe's, else the one the store was labeled on; checked against the store, and its
+        arity (single texts or pairs) against the store's, the online teacher's and the evaluation task's."""
         t = self.recipe.data.transfer
         if t is None and self.store is not None:
             t = from_dict(
@@ -205,6 +213,7 @@ class ClassifierDistill(DistillStage):
         fingerprint = transfer_fingerprint(t)
         if self.store is not None:
             self.store.check_compatible(self.source["tokenizer_hash"], fingerprint, where)
+        self.inputs = self._check_inputs(transfer_inputs(t), where)
         examples = list(transfer_examples(t))
         if self.store is not None and len(examples) != len(self.store):
             raise UserError(
@@ -212,7 +221,24 @@ class ClassifierDistill(DistillStage):
                 f"{self.store.directory} {len(self.store)}"
             )
         self.source["transfer_fingerprint"] = fingerprint
+        self.source["inputs"] = self.inputs
         return t, examples
+
+    def _check_inputs(self, inputs: str, where: str) -> str:
+        """Single texts or pairs, the same for the transfer set, the store, the online teacher and data.eval_task:
+        a student trained on pairs and scored on single sentences (or the reverse) gives a number that means nothing."""
+        seen = {"the transfer set": inputs}
+        if self.store is not None:
+            seen[f"the store {self.store.directory}"] = self.store.inputs
+        if self.teacher is not None and self.teacher.inputs is not None:
+            seen[f"teacher.model {self.teacher.directory}"] = self.teacher.inputs
+        if self.recipe.data.eval_task:
+            task = resolve_task(self.recipe.data.eval_task)
+            seen[f"data.eval_task {task.name}"] = "pair" if task.text_b is not None else "single"
+        if len(set(seen.values())) > 1:
+            said = ", ".join(f"{who}: {PLURAL[kind]}" for who, kind in seen.items())
+            raise UserError(f"{where}: single texts and sentence pairs mixed ({said}); use one kind throughout")
+        return inputs
 
     def build_distiller(self, where: str) -> torch.nn.Module:
         # deferred: classify and distiller import transformers' BERT modeling (~1.5 s); `distill --help` does not
@@ -224,9 +250,9 @@ class ClassifierDistill(DistillStage):
         label_cfg = self.store.header.get("config", {}).get("output", {}) if self.store is not None else {}
         self.max_len = data.max_seq_len or label_cfg.get("max_seq_len", 128)
         self.pad_id = special_ids(self.tokenizer).pad
-        rows = [Example(text, None, gold, "transfer") for text, gold in examples]
-        self.encoded: Encoded = encode(rows, self.tokenizer, self.max_len, regression=False)
         num_classes = self.store.num_classes if self.store is not None else self.teacher.num_classes
+        self.regression = num_classes == 1  # a one-output teacher scores (STS-B): its score is the soft label
+        self.encoded: Encoded = encode(examples, self.tokenizer, self.max_len, self.regression)  # fine-tuning's
         self.hf = load_classifier(
             model.name,
             num_classes,
@@ -242,7 +268,8 @@ class ClassifierDistill(DistillStage):
         if data.eval_task:
             self.task = resolve_task(data.eval_task)
             self.eval_enc, _ = load_task_data(self.task, data.eval_split, data.data_root, self.tokenizer, self.max_len)
-        return ClassifierDistiller(self.hf, self.t, loss.alpha, loss.beta, student_layers)
+        projection = self.pkd_projection if student_layers else None  # set by _patient_kd
+        return ClassifierDistiller(self.hf, self.t, loss.alpha, loss.beta, student_layers, projection)
 
     def _class_names(self, transfer: TransferSection, num_classes: int) -> list[str] | None:
         """What the student's export calls its classes: the teacher's own names (online, else those the store
@@ -264,6 +291,12 @@ class ClassifierDistill(DistillStage):
             self.cls_index = [self.store.cls_layers.index(t) for t in self.teacher_layers]
         self.source["pkd_map"] = pairs
         self.source["pkd_teacher_states"] = "online" if self.teacher is not None else "store"
+        # a narrower student (widths differ only with loss.projection): one learned map of its [CLS] states to the
+        # teacher's width, shared by every mapped layer (TinyBERT's W_h; see ClassifierDistiller), dropped at export
+        hs = self.hf.config.hidden_size
+        ht = self.teacher.hidden_size if self.teacher is not None else self.store.manifest["hidden_size"]
+        self.pkd_projection = HiddenProjection(hs, ht) if hs != ht else None
+        self.source["pkd_projection"] = [hs, ht] if hs != ht else None
         return [s for s, _ in pairs]
 
     def make_order(self, global_batch: int, env: DistEnv) -> BatchOrder:
@@ -317,10 +350,10 @@ class ClassifierDistill(DistillStage):
         logits = predict(
             trainer.engine.module, self.eval_enc, trainer.env, self.recipe.data.eval_batch_size, self.pad_id
         )
-        preds = logits.argmax(-1)
+        preds = logits[:, 0] if self.regression else logits.argmax(-1)  # scores: Pearson / Spearman
         return {
             **compute_metrics(self.task, preds, self.eval_enc.labels),
-            **prediction_spread(preds, self.eval_enc.labels, False),
+            **prediction_spread(preds, self.eval_enc.labels, self.regression),
         }
 
 

@@ -125,6 +125,7 @@ class Finetune(Stage):
             "metrics": final_metrics,
             "labels": self.task.labels,
             "init": self.recipe.model.name,
+            "inputs": "pair" if self.task.text_b is not None else "single",  # what it may label (wellread label)
         }
 
     def finished(self, trainer: Trainer, final_metrics: dict[str, float] | None) -> None:

@@ -24,16 +24,17 @@ import torch
 from tqdm import tqdm
 
 from trainer.config import dump_yaml, load_config, to_dict
+from trainer.data.encoding import encode
 from trainer.data.masking import MaskSpec, mask_one
 from trainer.data.softlabels import MANIFEST, SoftLabelWriter, finalize, finished_parts, make_writer_id
 from trainer.data.softlabels.format import labeled_roles, position_roles
 from trainer.data.tokenization import load_tokenizer, special_ids, tokenizer_hash
-from trainer.data.transfer import transfer_examples, transfer_fingerprint
+from trainer.data.transfer import PLURAL, transfer_examples, transfer_fingerprint, transfer_inputs
 from trainer.errors import UserError
 from trainer.jobarray import slurm_array_position
 from trainer.launcher import DistEnv, barrier, init_distributed, shutdown
 from trainer.loop import log0, run_dir_lock
-from trainer.models.teacher import Teacher, teacher_dir, teacher_fingerprint
+from trainer.models.teacher import Teacher, model_inputs, teacher_dir, teacher_fingerprint
 from trainer.recipes.label import LabelOutput, LabelRecipe
 from trainer.registry import add_recipe_arguments
 from trainer.runlock import RunLock
@@ -69,15 +70,33 @@ def _batch(seqs: list[np.ndarray], types: list[np.ndarray], pad: int) -> dict[st
 
 # ---------------------------------------------------------------------------------------------- driver
 def writer_examples(recipe: LabelRecipe, shard: int, num_shards: int, env: DistEnv) -> tuple[list, int]:
-    """This writer's (example id, text, gold) in order, and the size of the whole transfer set."""
+    """This writer's (example id, Example) in order, and the size of the whole transfer set."""
     mine, total = [], 0
-    for i, (text, gold) in enumerate(transfer_examples(recipe.transfer)):
+    for i, example in enumerate(transfer_examples(recipe.transfer)):
         total = i + 1
         if i % num_shards == shard and (i // num_shards) % env.world_size == env.rank:
-            mine.append((i, text, gold))
+            mine.append((i, example))
     if total == 0:
         raise UserError("the transfer set has no examples (check transfer.files / task / min_chars)")
     return mine, total
+
+
+def check_inputs(recipe: LabelRecipe, model_dir: Path) -> str:
+    """The transfer set's arity ("single" / "pair"), refused when the teacher was trained on the other one: a pair
+    teacher reading premises alone (or a single-text teacher reading two texts) gives confident, wrong labels."""
+    inputs = transfer_inputs(recipe.transfer)
+    trained = model_inputs(model_dir)
+    if trained is not None and trained != inputs:
+        raise UserError(
+            f"teacher: {model_dir} was fine-tuned on {PLURAL[trained]} but the transfer set gives {PLURAL[inputs]}"
+            + (" (a pair task's split, or files with transfer.text_b_field)" if trained == "pair" else "")
+        )
+    if inputs == "pair" and recipe.output.kind == "mlm":
+        raise UserError(
+            "output.kind mlm: MLM soft labels are taken over single token sequences (DistilBERT's corpus); "
+            "label sentence pairs with a classification teacher"
+        )
+    return inputs
 
 
 def label(recipe: LabelRecipe, shard: int, num_shards: int, env: DistEnv, command: list[str]) -> int:
@@ -96,6 +115,7 @@ def label(recipe: LabelRecipe, shard: int, num_shards: int, env: DistEnv, comman
             f"output.cls_layers: {o.cls_layers} must be increasing layers in 1..{teacher.depth} "
             f"(the teacher {model_dir} has {teacher.depth})"
         )
+    mine, total = writer_examples(recipe, shard, num_shards, env)  # a bad row stops here, before any write
     writer_id = make_writer_id(shard, num_shards, env.rank, env.world_size)
     # every shape a store may need; the kind's settings (format.kind_settings) keep their own
     writer = SoftLabelWriter(
@@ -112,7 +132,6 @@ def label(recipe: LabelRecipe, shard: int, num_shards: int, env: DistEnv, comman
         class_names=teacher.class_names if o.kind == "classification" else None,  # what distill's student exports
     )
     roles, positions = labeled_roles(writer.settings), position_roles(writer.settings)
-    mine, total = writer_examples(recipe, shard, num_shards, env)
     todo = mine[writer.examples_done :]
     log0(
         env,
@@ -122,19 +141,18 @@ def label(recipe: LabelRecipe, shard: int, num_shards: int, env: DistEnv, comman
 
     mask_spec = MaskSpec(vocab_size=teacher.vocab_size, specials=specials, mask_prob=o.mask_prob or 0.15)
     special = mask_spec.special_table()
-    tok.enable_truncation(max_length=o.max_seq_len)
+    regression = o.kind == "classification" and teacher.num_classes == 1
     bar = _progress(len(todo), env)
     t0 = time.time()
     # sort by length inside windows so batches pad little, then restore order when writing
     for start in range(0, len(todo), o.batch_size * 32):
         window = todo[start : start + o.batch_size * 32]
-        encodings = tok.encode_batch([text for _, text, _ in window], add_special_tokens=True)
-        seqs = [np.asarray(e.ids, dtype=np.int64) for e in encodings]
-        types = [np.asarray(e.type_ids, dtype=np.int64) for e in encodings]
+        enc = encode([example for _, example in window], tok, o.max_seq_len, regression)  # as fine-tuning does
+        seqs, types = enc.input_ids, enc.token_type_ids
         if o.kind == "mlm" and o.mask_prob > 0:
             seqs = [
                 mask_one(s, np.random.default_rng([recipe.seed, int(eid)]), mask_spec, special)[0]
-                for s, (eid, _, _) in zip(seqs, window)
+                for s, (eid, _) in zip(seqs, window)
             ]
         order = np.argsort([len(s) for s in seqs], kind="stable")
         results: list = [None] * len(window)  # per example: the teacher's roles, cut to its length (mlm)
@@ -143,9 +161,9 @@ def label(recipe: LabelRecipe, shard: int, num_shards: int, env: DistEnv, comman
             out_b = soft_labels(teacher, _batch([seqs[i] for i in idx], [types[i] for i in idx], specials.pad), o)
             for j, i in enumerate(idx):
                 results[i] = {role: v[j, : len(seqs[i])] if role in positions else v[j] for role, v in out_b.items()}
-        ids = np.asarray([eid for eid, _, _ in window], dtype=np.int64)
-        inputs = {"gold": np.asarray([g for _, _, g in window], dtype=np.int64), "tokens": seqs}
-        writer.add(ids, **{role: inputs[role] if role in inputs else [r[role] for r in results] for role in roles})
+        ids = np.asarray([eid for eid, _ in window], dtype=np.int64)
+        given = {"gold": enc.labels, "tokens": seqs}
+        writer.add(ids, **{role: given[role] if role in given else [r[role] for r in results] for role in roles})
         if bar is not None:
             bar.update(len(window))
         if recipe.debug.step_sleep:
@@ -182,6 +200,7 @@ def maybe_finalize(
         "teacher": teacher_fingerprint(model_dir),
         "tokenizer_hash": tokenizer_hash(tok),
         "transfer_fingerprint": transfer_fingerprint(recipe.transfer),
+        "inputs": transfer_inputs(recipe.transfer),  # "single" or "pair": what a student must be fed
         "command": command,
         "config": to_dict(recipe),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -258,6 +277,7 @@ def main(args: argparse.Namespace) -> int:
             total = sum(1 for _ in transfer_examples(recipe.transfer))
             maybe_finalize(recipe, out, total, load_tokenizer(model_dir), model_dir, command, required=True)
         return 0
+    check_inputs(recipe, teacher_dir(recipe.teacher, "teacher"))  # before anything is written
     env = init_distributed()
     try:
         part = f"shard-{shard}-of-{num_shards}" if num_shards > 1 else None  # shards write one store side by side

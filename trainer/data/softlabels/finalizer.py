@@ -115,7 +115,8 @@ def finalize(store_dir: str | Path, header: dict, expected_examples: int | None 
                 raise UserError(f"{directory}: shard {stem}: offsets are not monotonic")
             positions += int(info["positions"])
         else:
-            has_gold = has_gold or bool((np.asarray(arrays["gold"]) >= 0).any())
+            gold = np.asarray(arrays["gold"])
+            has_gold = has_gold or bool((~np.isnan(gold) if gold.dtype.kind == "f" else gold >= 0).any())
         all_ids.append(ids)
         entries.append(info)
 

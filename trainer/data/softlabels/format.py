@@ -29,8 +29,8 @@ magic b"WRSOFT\\x00\\x01" and the store's VERSION. Roles, for a part of n exampl
 below is this table for the code: the writer, the part checks and the labeler go by it)::
 
     classification  ids            idx  [n]       example id: global index into the transfer set
-                    gold           lab  [n]       gold label, -1 when unknown
-                    logits         <f2  [n, C]    teacher logits
+                    gold           lab  [n]       gold label, -1 when unknown (regression: the score, NaN)
+                    logits         <f2  [n, C]    teacher logits (regression, C = 1: the teacher's score)
                     cls            <f2  [n, L*H]  optional (labeling's output.cls_layers): the teacher's [CLS]
                                                   vector after each of the L listed layers (layer-major rows,
                                                   as binfile is 2-D), for Patient KD without a teacher
@@ -42,7 +42,8 @@ below is this table for the code: the writer, the part checks and the labeler go
 
 Widths are the narrowest that fit (version 2; version 1 spent int64 on every integer): `idx` (ids,
 offsets, order.bin) is <u4 unless a value reaches 2^32, then <u8, chosen per file; `lab` is the
-smallest signed type holding -1..C-1 (int8 up to 127 classes); `tok` is binfile.token_dtype(vocab).
+smallest signed type holding -1..C-1 (int8 up to 127 classes), or <f4 for a regression teacher (one
+output, as wellread's classifiers do regression: num_classes 1); `tok` is binfile.token_dtype(vocab).
 Each file's own dtype is in its sidecar entry and header, so readers never assume one. Writers flush
 parts of exactly `part_examples` examples in the order they were given (only the last part of a
 writer may be shorter), which is what lets a killed labeler resume by skipping `examples_done`
@@ -139,8 +140,14 @@ def check_writer_id(writer_id: str) -> None:
 
 
 def gold_dtype(num_classes: int) -> np.dtype:
-    """Gold labels are -1 (unknown) .. num_classes - 1."""
-    return narrowest_int(-1, num_classes - 1)
+    """Gold labels are -1 (unknown) .. num_classes - 1; a regression store's (one output) are float32 scores,
+    NaN when unknown."""
+    return np.dtype("<f4") if is_regression(num_classes) else narrowest_int(-1, num_classes - 1)
+
+
+def is_regression(num_classes: int) -> bool:
+    """A one-output classifier is a regression model (STS-B), as trainer/models/classify.py builds them."""
+    return num_classes == 1
 
 
 def index_dtype(max_value: int) -> np.dtype:

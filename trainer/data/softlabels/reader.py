@@ -15,6 +15,7 @@ from trainer.data.softlabels.format import (
     ORDER_FILE,
     RELABEL,
     VERSION,
+    is_regression,
     open_part,
     read_role,
     verify_files,
@@ -86,6 +87,16 @@ class SoftLabelStore:
         return arrays
 
     @property
+    def regression(self) -> bool:
+        """One output per example: the teacher's score (a regression task such as STS-B), not class logits."""
+        return self.kind == "classification" and is_regression(self.num_classes)
+
+    @property
+    def inputs(self) -> str:
+        """ "pair" or "single": what the examples were (recorded by the labeler; stores made before: single)."""
+        return self.header.get("inputs", "single")
+
+    @property
     def has_gold(self) -> bool:
         return bool(self.manifest.get("has_gold"))
 
@@ -119,7 +130,8 @@ class SoftLabelStore:
     def batch(self, indices: np.ndarray | list[int], pad_to: int | None = None) -> dict[str, np.ndarray]:
         """Padded arrays for a student step; an empty `indices` gives arrays with a 0-sized batch axis.
 
-        classification: example_ids [B] int64, logits [B, C] float32, gold [B] int64 (-1 unknown), and with
+        classification: example_ids [B] int64, logits [B, C] float32, gold [B] int64 (-1 unknown; a regression
+        store's: float32 scores, NaN unknown), and with
         `cls_layers` cls [B, L, H] float32 (the teacher's [CLS] vector after each of those layers).
         mlm: example_ids [B], input_ids [B, T] int64 (pad 0), attention_mask [B, T] int64, topk_ids
         [B, T, k] int64 and topk_logprobs [B, T, k] float32 (both 0 at padding: mask them out).
@@ -131,7 +143,7 @@ class SoftLabelStore:
         ids = np.empty(bsz, dtype=np.int64)
         if self.kind == "classification":
             logits = np.empty((bsz, self.num_classes), dtype=np.float32)
-            gold = np.empty(bsz, dtype=np.int64)
+            gold = np.empty(bsz, dtype=np.float32 if self.regression else np.int64)
             out = {"example_ids": ids, "logits": logits, "gold": gold}
             if self.cls_layers:
                 out["cls"] = np.empty((bsz, len(self.cls_layers), self.manifest["hidden_size"]), dtype=np.float32)

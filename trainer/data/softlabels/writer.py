@@ -21,6 +21,7 @@ from trainer.data.softlabels.format import (
     check_writer_id,
     gold_dtype,
     index_dtype,
+    is_regression,
     kind_settings,
     labeled_roles,
     open_part,
@@ -174,7 +175,11 @@ class SoftLabelWriter:
                 f"teacher logits are NaN/inf or beyond the fp16 range for example id(s) {ids[bad][:5].tolist()}"
             )
         if gold is None:
-            labels = np.full(n, -1, dtype=self.gold_dtype)
+            labels = np.full(n, np.nan if is_regression(c) else -1, dtype=self.gold_dtype)
+        elif is_regression(c):
+            labels = np.array(gold, dtype=np.float32).reshape(-1)
+            if labels.shape != (n,) or np.isinf(labels).any():
+                raise ValueError(f"gold scores must be {n} finite values (NaN: unknown)")
         else:
             wide = np.array(gold, dtype=np.int64).reshape(-1)
             if wide.shape != (n,) or ((wide < -1) | (wide >= c)).any():
