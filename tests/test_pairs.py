@@ -240,6 +240,48 @@ def test_pair_distillation_feeds_the_student_the_pairs_the_teacher_labeled(tmp_p
     assert stage.source["inputs"] == "pair"
 
 
+def test_patient_kd_on_pairs_meets_the_teachers_cls_states_of_the_pair(tmp_path, teachers, one_process):
+    """PKD's [CLS] targets of a pair, stored (output.cls_layers) or online, are the teacher's states on the pair:
+    the store against plain transformers, and the distill stage's batch from the store against the online teacher."""
+    from transformers import BertForSequenceClassification, BertTokenizerFast
+
+    from trainer.config import load_config
+    from trainer.data.softlabels import SoftLabelStore
+    from trainer.data.tasks import load_split, resolve_task
+    from trainer.models.teacher import Teacher
+    from trainer.recipes.distill import DistillRecipe
+    from trainer.stages.distill import distill_stage
+
+    teacher, out = teachers["rte"], tmp_path / "store"
+    recipe = label_recipe(tmp_path / "label.yaml", teacher, out, task_transfer("rte"))
+    run(1, "label", str(recipe), "output.cls_layers=[1,2]")
+    store = SoftLabelStore(out)
+    assert store.cls_layers == [1, 2] and store.inputs == "pair"
+    examples = load_split(resolve_task("rte"), "train", FIXTURE_DATA).examples
+    model = BertForSequenceClassification.from_pretrained(teacher).eval()
+    tok = BertTokenizerFast.from_pretrained(teacher)
+    got = store.batch(np.arange(len(store)))["cls"]
+    for i in (0, 31, len(examples) - 1):
+        inputs = tok(examples[i].text_a, examples[i].text_b, truncation=True, max_length=128, return_tensors="pt")
+        with torch.no_grad():
+            states = model(**inputs, output_hidden_states=True).hidden_states
+        want = torch.stack([states[t][0, 0] for t in (1, 2)]).double().numpy()
+        tol = FP16_REL * np.abs(want) + FP16_ABS + 1e-5 * (1 + np.abs(want))
+        assert (np.abs(got[i] - want) <= tol).all(), i
+    distill = distill_recipe(tmp_path / "pkd.yaml", out, "rte", teacher=str(teacher))
+    stage = distill_stage(
+        load_config(DistillRecipe, distill, [f"run.out_dir={tmp_path / 'run'}", "loss.beta=1.0", "teacher.model=null"])
+    )
+    stage.prepare(one_process, str(distill))
+    stage.build(one_process, str(distill))
+    batch = stage.batch(np.arange(16), 0)
+    assert stage.source["pkd_teacher_states"] == "store" and int(batch["token_type_ids"].max()) == 1
+    inputs = {name: batch[name] for name in ("input_ids", "attention_mask", "token_type_ids")}
+    _, cls = Teacher(teacher, "classification").classify(inputs, stage.teacher_layers)
+    tol = FP16_REL * cls.abs() + FP16_ABS + 1e-5 * (1 + cls.abs())
+    assert ((batch["teacher_cls"] - cls).abs() <= tol).all()
+
+
 @pytest.mark.slow
 def test_pair_distillation_end_to_end_records_pairs(tmp_path, stores):
     out = tmp_path / "run"
