@@ -284,6 +284,8 @@ class _Builder:
         out = self.root / node_id
         if node_id not in self.nodes:
             transfer = to_dict(self.study.transfer)
+            if transfer.get("task") and not transfer.get("data_root"):  # a task's split: the study's data root
+                transfer["data_root"] = self.s.data_root
             files = expand(transfer["files"], f"{self.where} (transfer)") if transfer["files"] else []
             if transfer.get("task"):
                 files += task_files(

@@ -21,7 +21,7 @@ from trainer.errors import UserError
 from trainer.fileio import atomic_write_bytes, atomic_write_json, read_json
 from trainer.pipeline import cache
 from trainer.pipeline.select import choose_lr, read_metric
-from trainer.pipeline.study import GOLD
+from trainer.pipeline.study import DISTILLED, GOLD, transfer_source
 
 METHOD_LABELS = {"basic": "Basic", "pf": "PF", "kd": "KD", "pd": "PD", "pd_ft": "PD+FT", "pkd": "PKD"}
 
@@ -82,6 +82,15 @@ def collect(study_dir: Path) -> dict[str, Any]:
                 got[0],
                 nodes[c["run"]]["out_dir"],
             )
+    transfer = None
+    if any(m in DISTILLED for m in plan["methods"]):
+        examples = None
+        for n in plan["nodes"]:
+            manifest = Path(n["out_dir"]) / "manifest.json"
+            if n["meta"].get("role") == "softlabels" and _finished(Path(n["out_dir"])) and manifest.is_file():
+                examples = read_json(manifest, "soft-label manifest").get("totals", {}).get("examples")
+                break
+        transfer = {"source": transfer_source(plan["study"]["transfer"], examples), "examples": examples}
     rows = []
     seeds_planned = len(plan["seeds"])
     for (method, student, size), by_lr in groups.items():
@@ -91,6 +100,7 @@ def collect(study_dir: Path) -> dict[str, Any]:
             "student": student,
             "label_size": size,
             "uses_gold_labels": method in GOLD,
+            "transfer": transfer["source"] if transfer and method in DISTILLED else None,
             "seeds_planned": seeds_planned,
             "lrs_planned": len(by_lr),
         }
@@ -147,6 +157,7 @@ def collect(study_dir: Path) -> dict[str, Any]:
         "seeds": plan["seeds"],
         "lrs": plan["lrs"],
         "teacher_per_label_size": per_teacher,
+        "transfer": transfer,  # D_T of the distilled methods: {source, examples} (None without one)
         "teacher": teachers,
         "rows": rows,
         "stages": stages,
@@ -223,8 +234,19 @@ def tables(results: dict[str, Any]) -> str:
             mine = {r["method"]: r for r in rows if r["student"] == student}
             if mine:
                 lines.append(f"| {student} | " + " | ".join(cell_text(mine.get(m)) for m in methods) + " |")
+        if transfer_line(results):
+            lines += ["", transfer_line(results)]
         lines.append("")
     return "\n".join(lines).rstrip()
+
+
+def transfer_line(results: dict[str, Any]) -> str | None:
+    """'KD, PD: transfer set rte train pairs (2,490 examples)': where the distilled methods' soft labels are."""
+    distilled = [METHOD_LABELS.get(m, m) for m in results["methods"] if m in DISTILLED]
+    transfer = results.get("transfer")
+    if not distilled or not transfer:
+        return None
+    return f"{', '.join(distilled)}: transfer set {transfer['source']}"
 
 
 def markdown(results: dict[str, Any], png_name: str) -> str:
@@ -243,7 +265,8 @@ def markdown(results: dict[str, Any], png_name: str) -> str:
         f"mean ± sample standard deviation over seeds, each seed's value in brackets, {search}. "
         "Labels: the number of labeled training examples (all = the whole train split). KD, PD and PKD train "
         f"on the teacher's soft labels only: with one teacher for all label sizes they are the same runs in every "
-        f"table. {results['stages_finished']} of {results['stages_planned']} stages finished.",
+        f"table; the line under each table says which text they were labeled on (the transfer set). "
+        f"{results['stages_finished']} of {results['stages_planned']} stages finished.",
         "",
         tables(results),
         "",
@@ -251,15 +274,16 @@ def markdown(results: dict[str, Any], png_name: str) -> str:
         "",
         "## Runs",
         "",
-        "| method | student | labels | lr | seed | value | run |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| method | student | labels | transfer set | lr | seed | value | run |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results["rows"]:
         name = METHOD_LABELS.get(r["method"], r["method"])
         for seed, s in r["seeds"].items():
             lines.append(
-                f"| {name} | {r['student']} | {size_label(r['label_size'])} | {r['lr']:g} | {seed} | "
-                f"{pct(s['value'])}{' DEGENERATE' if s.get('flags') else ''} | `{s['run_dir']}` |"
+                f"| {name} | {r['student']} | {size_label(r['label_size'])} | {r.get('transfer') or '-'} | "
+                f"{r['lr']:g} | {seed} | {pct(s['value'])}{' DEGENERATE' if s.get('flags') else ''} | "
+                f"`{s['run_dir']}` |"
             )
     flagged = [(r, seed, s) for r in results["rows"] for seed, s in r["seeds"].items() if s.get("flags")]
     if flagged:
@@ -376,15 +400,19 @@ def plot(results: dict[str, Any], path: Path) -> None:
                 100 * teacher["value"], color="gray", linestyle="--", label=f"teacher {100 * teacher['value']:.1f}"
             )
             values.append(100 * teacher["value"])
-        if values:
-            ax.set_ylim(max(0.0, min(values) - 5), min(100.0, max(values) + 3))
+        if values:  # MCC may be negative: the axis then goes below 0
+            low = min(values) - 5
+            ax.set_ylim(low if min(values) < 0 else max(0.0, low), min(100.0, max(values) + 3))
         ax.set_xticks(range(len(students)), students, fontsize=8)
         ax.set_title(f"{results['task']} {results['split']}, labels: {size_label(size)}", fontsize=9)
         ax.set_ylabel(f"{results['metric']} (x100)")
         handles, labels = ax.get_legend_handles_labels()
         unique = dict(zip(labels, handles))
         ax.legend(unique.values(), unique.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
+    caption = transfer_line(results)
+    if caption:  # where the distilled methods' soft labels come from, under the panels
+        fig.text(0.01, 0.01, caption, fontsize=7, ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.05 if caption else 0, 1, 1))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)

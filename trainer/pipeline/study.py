@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from trainer.config import from_dict, load_config
+from trainer.data.tasks import resolve_task
 from trainer.data.transfer import TransferSection
 from trainer.errors import UserError
 
@@ -129,7 +130,8 @@ class StudyRecipe:
     study: StudySection = field(default_factory=StudySection)
     corpus: CorpusSection = field(default_factory=CorpusSection)
     teacher: TeacherSpec = field(default_factory=lambda: TeacherSpec(init="minilm"))
-    transfer: TransferSection = field(default_factory=TransferSection)  # D_T (the labeling recipe's transfer)
+    # D_T (the labeling recipe's transfer); a task's split there is read from study.data_root unless its own is set
+    transfer: TransferSection = field(default_factory=TransferSection)
     label: dict[str, Any] = field(default_factory=dict)  # LabelRecipe overrides (output.*, seed)
     pretrain: dict[str, Any] = field(default_factory=dict)  # PretrainRecipe overrides, every student
     finetune: dict[str, Any] = field(default_factory=dict)  # FinetuneRecipe overrides, every student
@@ -171,6 +173,42 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     if len(set(names)) != len(names):
         raise UserError(f"{path}: study.students: a student appears twice")
     return study, students
+
+
+def transfer_source(transfer: dict[str, Any], examples: int | None = None) -> str:
+    """D_T in a few words, for the report beside KD / PD (Turc et al.'s RQ4: where the transfer set came from), from
+    the study's `transfer` section (as a dict, e.g. study.json's): 'rte train pairs', 'imdb/train.jsonl.gz
+    sentences, first 20,000', 'sst2 train + imdb/train.jsonl.gz sentences (7,597 examples)'; `examples` (the
+    store's count) is added when known."""
+    parts = []
+    task = transfer.get("task")
+    if task:
+        name = Path(task).stem if str(task).endswith((".yaml", ".yml")) else str(task)
+        parts.append(f"{name} {transfer.get('task_split') or 'train'}")
+    files = [str(f) for f in transfer.get("files") or []]
+    if files:
+        shown = ["/".join(Path(f).parts[-2:]) for f in files[:2]]
+        parts.append(", ".join(shown) + (f" (+{len(files) - 2} more)" if len(files) > 2 else ""))
+    if transfer.get("hf_dataset"):
+        parts.append(f"{transfer['hf_dataset']} {transfer.get('hf_split') or 'train'}")
+    text = " + ".join(parts) or "no transfer set"
+    # a set is all pairs or all single texts (trainer/data/transfer.py): a pair task's split, or text_b_field
+    if (task and _pair_task(task)) or transfer.get("text_b_field"):
+        text += " pairs"
+    elif transfer.get("split_sentences"):
+        text += " sentences"
+    cap = transfer.get("max_examples")
+    if cap is not None and (examples is None or examples >= cap):
+        return f"{text}, first {cap:,}"
+    return text if examples is None else f"{text} ({examples:,} examples)"
+
+
+def _pair_task(task: str) -> bool:
+    """Whether a labeled task's examples are sentence pairs (its spec names a second text)."""
+    try:
+        return resolve_task(task).text_b is not None
+    except (UserError, OSError, ValueError):  # a task YAML that has moved since: say nothing about pairs
+        return False
 
 
 def merge(*layers: dict[str, Any]) -> dict[str, Any]:
