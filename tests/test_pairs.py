@@ -118,8 +118,8 @@ def test_a_stored_pair_label_is_the_teachers_answer_on_the_pair(task, teachers, 
     assert moved >= 0.9 * len(examples), f"only {moved}/{len(examples)} pairs label unlike their first sentence"
 
 
-def test_pair_transfer_from_jsonl_and_tsv_files_equals_the_tasks_split(tmp_path):
-    """Pairs from files with two named fields are the same examples, and the same fingerprint kind, as the task's."""
+def test_pair_transfer_from_files_and_datasets_equals_the_tasks_split(tmp_path):
+    """Pairs from JSONL / TSV files and a `datasets` dataset with two named fields are the task split's examples."""
     from trainer.data.tasks import load_split, resolve_task
     from trainer.data.transfer import TransferSection, transfer_examples, transfer_fingerprint, transfer_inputs
 
@@ -133,6 +133,8 @@ def test_pair_transfer_from_jsonl_and_tsv_files_equals_the_tasks_split(tmp_path)
         got = list(transfer_examples(t))
         assert [(g.text_a, g.text_b) for g in got] == [(e.text_a.strip(), e.text_b.strip()) for e in examples]
         assert all(g.label is None for g in got)
+    rows = TransferSection(hf_dataset=str(jsonl), text_field="premise", text_b_field="hypothesis")  # `datasets`
+    assert [(g.text_a, g.text_b) for g in transfer_examples(rows)] == [(e.text_a, e.text_b) for e in examples]
     one = TransferSection(files=[str(jsonl)], text_field="premise", text_b_field="hypothesis")
     other = TransferSection(files=[str(jsonl)], text_field="hypothesis", text_b_field="premise")
     assert transfer_fingerprint(one) != transfer_fingerprint(other)  # both fields are part of the identity
