@@ -27,40 +27,31 @@ FP16_ABS = 2.0**-25  # below fp16's normal range (6.1e-5) the spacing is 2^-24
 
 
 # ---------------------------------------------------------------------------------------------- teachers
-def finetune_teacher(root: Path, task: str) -> Path:
-    """A small classifier fine-tuned on the task's fixture split (a few steps: what matters is that it is a real
-    wellread export of a pair task, whose record says so)."""
-    recipe = root / f"ft-{task}.yaml"
-    recipe.write_text(f"""
-data: {{task: {task}, data_root: {FIXTURE_DATA}, max_seq_len: 128}}
-model: {{name: bert-L2-H128, dropout: 0.0}}
-train: {{steps: 2, micro_batch: 32, global_batch: 32, lr: 1.0e-4, seed: 3}}
-engine: {{ds_config: zero0}}
-run: {{out_dir: {root / task}, tensorboard: false}}
-""")
-    run(1, "finetune", str(recipe))
-    return confident(root / task / "export", root / f"{task}-confident")
-
-
-def confident(export: Path, out: Path, scale: float = 40.0) -> Path:
-    """The export with its head scaled up: a few steps leave logits nearly constant over inputs, and a test that a
-    label belongs to the pair (not to its first sentence) needs them to vary. Its wellread record is kept."""
+def pair_teacher(out: Path, task: str, seed: int) -> Path:
+    """A random BERT-Tiny classifier with its head scaled up (confident, input-dependent logits: a test that a label
+    belongs to the pair, not to its first sentence, needs them to vary) and the record a fine-tuning export of a pair
+    task writes (`inputs: pair`; tests/test_pipeline_tasks.py checks that fine-tuning writes it)."""
     from transformers import BertForSequenceClassification
 
-    model = BertForSequenceClassification.from_pretrained(export)
+    from trainer.data.tokenization import hf_tokenizer, load_tokenizer
+    from trainer.models.zoo import bert_config
+
+    torch.manual_seed(seed)
+    cfg = bert_config("bert-L2-H128")
+    cfg.num_labels = 2
+    model = BertForSequenceClassification(cfg)
     with torch.no_grad():
-        model.classifier.weight.mul_(scale)
+        model.classifier.weight.mul_(40.0)
     model.save_pretrained(out, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "wellread.json"):
-        if (export / name).is_file():
-            shutil.copy(export / name, out / name)
+    hf_tokenizer(load_tokenizer(), 128).save_pretrained(out)
+    (out / "wellread.json").write_text(json.dumps({"stage": "finetune", "task": task, "inputs": "pair"}))
     return out
 
 
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("pair-teachers")
-    return {task: finetune_teacher(root, task) for task in ("rte", "mrpc")}
+    return {task: pair_teacher(root / task, task, seed) for seed, task in enumerate(("rte", "mrpc"), 1)}
 
 
 def label_recipe(path: Path, teacher: Path, out: Path, transfer: str) -> Path:
@@ -152,12 +143,25 @@ def refused(proc, *needles: str) -> str:
     return lines[-1]
 
 
-def test_labeling_refuses_every_arity_mismatch_and_writes_nothing(tmp_path, teachers):
+def label_refused(capsys, recipe: Path, *needles: str) -> None:
+    """`wellread label RECIPE` in this process (these refusals come before any process group or file): exit 2 and
+    one line on stderr."""
+    from trainer import cli
+
+    capsys.readouterr()
+    code = cli.main(["label", str(recipe)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("wellread: error:"), (code, err)
+    for needle in needles:
+        assert needle in err[0], (needle, err[0])
+
+
+def test_labeling_refuses_every_arity_mismatch_and_writes_nothing(tmp_path, teachers, capsys):
     rte = teachers["rte"]
     # a pair teacher given single sentences
     out = tmp_path / "single-into-pair"
-    proc = run(1, "label", str(label_recipe(tmp_path / "a.yaml", rte, out, task_transfer("sst2"))), expect=None)
-    refused(proc, "fine-tuned on sentence pairs but the transfer set gives single texts")
+    recipe = label_recipe(tmp_path / "a.yaml", rte, out, task_transfer("sst2"))
+    label_refused(capsys, recipe, "fine-tuned on sentence pairs but the transfer set gives single texts")
     assert not out.exists()
     # a single-text teacher (its record says so) given pairs
     single = tmp_path / "single-teacher"
@@ -165,10 +169,15 @@ def test_labeling_refuses_every_arity_mismatch_and_writes_nothing(tmp_path, teac
     record = json.loads((single / "wellread.json").read_text())
     (single / "wellread.json").write_text(json.dumps({**record, "task": "sst2", "inputs": "single"}))
     out = tmp_path / "pair-into-single"
-    proc = run(1, "label", str(label_recipe(tmp_path / "b.yaml", single, out, task_transfer("rte"))), expect=None)
-    refused(proc, "fine-tuned on single texts but the transfer set gives sentence pairs")
+    recipe = label_recipe(tmp_path / "b.yaml", single, out, task_transfer("rte"))
+    label_refused(capsys, recipe, "fine-tuned on single texts but the transfer set gives sentence pairs")
     assert not out.exists()
-    # a pair task's split with a row that lost its second sentence
+    # pairs cannot be cut into sentences
+    recipe = label_recipe(tmp_path / "e.yaml", rte, out, "{task: rte, split_sentences: true, data_root: x}")
+    label_refused(capsys, recipe, "split_sentences")
+    assert not out.exists()
+    # a pair task's split with a row that lost its second sentence: found while the transfer set is read, in the
+    # labeling process itself (after its process group starts), so a real process
     root = tmp_path / "data"
     shutil.copytree(FIXTURE_DATA / "glue" / "RTE", root / "glue" / "RTE")
     lines = (root / "glue" / "RTE" / "train.tsv").read_text().splitlines(keepends=True)
@@ -186,15 +195,6 @@ def test_labeling_refuses_every_arity_mismatch_and_writes_nothing(tmp_path, teac
     transfer = f"{{files: [{jsonl}], text_field: p, text_b_field: h}}"
     proc = run(1, "label", str(label_recipe(tmp_path / "d.yaml", rte, out, transfer)), expect=None)
     refused(proc, "pairs.jsonl:2", "no 'h' field")
-    assert not out.exists()
-    # pairs cannot be cut into sentences
-    proc = run(
-        1,
-        "label",
-        str(label_recipe(tmp_path / "e.yaml", rte, out, "{task: rte, split_sentences: true, data_root: x}")),
-        expect=None,
-    )
-    refused(proc, "split_sentences")
     assert not out.exists()
 
 
@@ -361,7 +361,7 @@ def test_regression_term_against_numpy_float64():
     gold_terms = np.where(known, (s - np.nan_to_num(g)) ** 2, 0.0)
     expected = 0.3 * kd_terms.sum() + 0.7 * gold_terms.sum()
     bound = 2 * n * 2.0**-24 * (kd_terms.sum() + gold_terms.sum()) + 1e-12
-    assert abs(float(loss) - expected) <= bound, (float(loss), expected, bound)
+    assert abs(float(loss.detach()) - expected) <= bound, (float(loss.detach()), expected, bound)
     assert abs(float(stats["kd"]) - kd_terms.sum()) <= bound
     assert abs(float(stats["gold_mse"]) - gold_terms.sum()) <= bound
     assert "agree" not in stats and not any(k.startswith("teacher_class/") for k in stats)

@@ -123,6 +123,8 @@ def test_a_study_of_the_task_runs_end_to_end_and_names_its_transfer_set(task, tm
     store = json.loads((out / "softlabels" / "manifest.json").read_text())
     assert results["transfer"]["examples"] == store["totals"]["examples"] > 0
     assert store["header"].get("inputs", "single") == ("pair" if task == "rte" else "single")  # labeled pairs
+    teacher = json.loads((out / "teacher" / "best" / "wellread.json").read_text())  # what `label` checks it against
+    assert teacher["inputs"] == ("pair" if task == "rte" else "single") and teacher["task"] == task
     assert results["transfer"]["source"].startswith(source)
     assert {m: r["transfer"] for m, r in rows.items()} == {
         "basic": None,

@@ -426,7 +426,7 @@ def plain_inference(recipe) -> int:
     tok.enable_truncation(max_length=o.max_seq_len)
     for start in range(0, len(todo), o.batch_size * 32):
         window = todo[start : start + o.batch_size * 32]
-        encodings = tok.encode_batch([text for _, text, _ in window], add_special_tokens=True)
+        encodings = tok.encode_batch([example.text_a for _, example in window], add_special_tokens=True)
         seqs = [np.asarray(e.ids, dtype=np.int64) for e in encodings]
         types = [np.asarray(e.type_ids, dtype=np.int64) for e in encodings]
         order = np.argsort([len(s) for s in seqs], kind="stable")
