@@ -196,6 +196,37 @@ class BucketedOrder(BatchOrder):
         return self.epoch_batches(cursor.epoch)[cursor.batch]
 
 
+def nested_subset(n: int, size: int | None, seed: int) -> np.ndarray:
+    """The first `size` items of a fixed shuffle of range(n), sorted: a transfer set's subset. Sizes share the
+    shuffle (`seed`), so a smaller subset lies inside every larger one and each is labeled once, as part of the
+    largest (Turc et al. vary the transfer-set size the same way: samples of one unlabeled pool)."""
+    if size is None or size >= n:
+        return np.arange(n, dtype=np.int64)
+    if size < 1:
+        raise UserError(f"a subset needs at least one item, got {size}")
+    return np.sort(Permutation(n, seed, 0)(np.arange(size)))
+
+
+class SubsetOrder:
+    """A batch order over `subset` (indices into a larger item range): `inner` orders positions in the subset,
+    rank_items returns the items themselves. The cursor is the inner order's, so resuming works unchanged."""
+
+    def __init__(self, inner: BatchOrder, subset: np.ndarray):
+        if inner.n != len(subset):
+            raise ValueError(f"an order over {inner.n} positions for a subset of {len(subset)} items")
+        self.inner, self.subset = inner, np.asarray(subset, dtype=np.int64)
+        self.batches_per_epoch = inner.batches_per_epoch
+
+    def rank_items(self, cursor: Cursor) -> np.ndarray:
+        return self.subset[self.inner.rank_items(cursor)]
+
+    def advance(self, cursor: Cursor) -> Cursor:
+        return self.inner.advance(cursor)
+
+    def check(self, cursor: Cursor) -> None:
+        self.inner.check(cursor)
+
+
 class StoreSampler(BucketedOrder):
     """Distillation over a soft-label store: shuffled, every example exactly once per epoch; given the
     examples' token lengths, length-bucketed in windows of `window` global batches (`window=0` or no

@@ -11,7 +11,11 @@ Layout under study.out_dir (every stage writes its TensorBoard events under its 
     pretrain/STUDENT/                        MLM pre-training, shared by pf, pd and pd_ft
     teacher/[nSIZE/] teacher-eval/           the fine-tuned teacher (or the evaluation of a given one)
     softlabels/[nSIZE/]                      the teacher's soft labels on D_T, computed once
-    runs/METHOD/STUDENT/nSIZE/sSEED/lrLR/    the final stage of every method, seed and learning rate
+    runs/METHOD/STUDENT[/bSTEPS][/tSIZE]/nSIZE/sSEED/lrLR/
+                                             the final stage of every method, seed and learning rate (bSTEPS: a
+                                             start other than the student's main pre-trained one; tSIZE: a
+                                             transfer subset)
+    latency/STUDENT/                         the student's CPU inference latency (`wellread latency`)
     select/pd/STUDENT/nSIZE/                 the pd run each pd_ft seed starts from
     eval/...                                 `wellread evaluate` outputs (study.evaluation: command)
 """
@@ -19,6 +23,7 @@ Layout under study.out_dir (every stage writes its TensorBoard events under its 
 from __future__ import annotations
 
 import glob
+import math
 import re
 import sys
 from collections.abc import Sequence
@@ -33,7 +38,7 @@ from trainer.errors import UserError
 from trainer.pipeline.study import DISTILLED, PRETRAINED, StudentSpec, StudyRecipe, merge
 
 RECIPE_STAGES = registry.RECIPE_STAGES
-LOCAL_STAGES = ("preprocess", "init-student")  # single-process commands: never under a distributed launcher
+LOCAL_STAGES = ("preprocess", "init-student", "latency")  # single-process commands: never under a distributed launcher
 RECIPE_FILE = "pipeline-recipe.yaml"
 
 
@@ -70,13 +75,46 @@ class Graph:
         return iter(self.nodes.values())
 
 
+@dataclass
+class Start:
+    """Where a pre-trained method (PF, PD, PD+FT) starts: `budget` is the MLM pre-training steps behind `init`
+    (None: unknown), `tag` its run-id segment ('' for the student's main start, so adding budgets to a study
+    keeps the ids, and the cache, of the runs it has)."""
+
+    budget: int | None
+    init: str
+    deps: list[str]
+    inputs: list[Path]
+    tag: str = ""
+
+
+def pretraining_steps(model_dir: Path) -> int | None:
+    """The MLM pre-training steps behind a model directory: a checkpoint's step (step-NNNNNNN), or its
+    wellread.json's (a pre-training run's export, or `wellread export` of one); None when it does not say
+    (e.g. Google's released miniatures)."""
+    match = re.fullmatch(r"step-(\d+)", model_dir.name)
+    if match:
+        return int(match.group(1))
+    record = model_dir / "wellread.json"
+    if not record.is_file():
+        return None
+    # deferred: fileio is light, but keep the graph's imports to what every plan needs
+    from trainer.fileio import read_json
+
+    info = read_json(record, "model record")
+    pretraining = info.get("pretraining")
+    if isinstance(pretraining, dict) and isinstance(pretraining.get("step"), int):
+        return pretraining["step"]
+    return info.get("step") if info.get("stage") == "pretrain" and isinstance(info.get("step"), int) else None
+
+
 def stage_command(node: Node, launcher: Sequence[str] = ()) -> list[str]:
     """The command line of a node. `launcher` starts Python for the stages that can run on several ranks
     (e.g. ["torchrun", "--nproc_per_node=2"] or ["srun", "python"]); default: this interpreter."""
     python = list(launcher) or [sys.executable]
     if node.kind == "preprocess":
         return [sys.executable, "-m", "trainer.cli", "preprocess", *node.args, *node.unkeyed_args]
-    if node.kind == "init-student":
+    if node.kind in ("init-student", "latency"):
         return [sys.executable, "-m", "trainer.cli", node.kind, *node.args]
     if node.kind in RECIPE_STAGES:
         return [*python, "-m", "trainer.cli", node.kind, str(node.recipe_path)]
@@ -91,6 +129,13 @@ def slug(name: str) -> str:
 
 def size_tag(size: int | None) -> str:
     return "nall" if size is None else f"n{size}"
+
+
+def run_id(
+    method: str, student: str, start_tag: str, transfer_size: int | None, size: int | None, seed: int, lr
+) -> str:
+    parts = ["runs", method, slug(student), start_tag, "" if transfer_size is None else f"t{transfer_size}"]
+    return "/".join([p for p in parts if p] + [size_tag(size), f"s{seed}", lr_tag(lr)])
 
 
 def lr_tag(lr: float | None) -> str:
@@ -205,9 +250,22 @@ class _Builder:
             "model": {"name": student.name},
             "run": {"out_dir": str(out)},
         }
+        if student.budgets:  # the checkpoints the budgets start from must be written and kept
+            pipeline["run"]["keep_checkpoints"] = 0
+            every = merge(self.study.pretrain, student.pretrain).get("run", {}).get("ckpt_every")
+            if not every:  # no cadence of its own: save exactly where the budgets need it
+                pipeline["run"]["ckpt_every"] = math.gcd(*student.budgets)
         recipe = self.resolved(
             "pretrain", merge(self.study.pretrain, student.pretrain, pipeline), f"pretrain, {student.name}"
         )
+        every, steps = recipe["run"]["ckpt_every"], recipe["train"]["steps"]
+        for b in student.budgets:
+            if not every or b % every or b >= steps:
+                raise UserError(
+                    f"{self.where}: study.students ({student.name}).budgets: {b} is not a checkpoint of its "
+                    f"pre-training (every {every} steps, {steps} in all): a budget is a multiple of run.ckpt_every "
+                    "below train.steps"
+                )
         return self.add(
             Node(
                 f"pretrain/{slug(student.name)}",
@@ -217,6 +275,82 @@ class _Builder:
                 recipe=recipe,
                 inputs=list(inputs),
                 meta={"role": "pretrain", "student": student.name},
+            )
+        )
+
+    def starts(self, student: StudentSpec, pre: Node | None) -> list[Start]:
+        """Where the student's PF / PD / PD+FT runs start: its `pretrained` directories, else the pipeline's
+        pre-training (its final export, and the checkpoints at `budgets`)."""
+        if student.pretrained:
+            out: list[Start] = []
+            for i, name in enumerate(student.pretrained):
+                path = self.pretrained_dir(student, name)
+                steps = pretraining_steps(path)
+                main = i == len(student.pretrained) - 1
+                tag = "" if main else (f"b{steps}" if steps is not None else f"p{i}")
+                inputs = sorted(f for f in path.iterdir() if f.is_file())
+                out.append(Start(steps, str(path), [], inputs, tag))
+            budgets = [st.budget for st in out]
+            if len(set(budgets)) != len(budgets):
+                raise UserError(
+                    f"{self.where}: study.students ({student.name}).pretrained: two models with the same pre-training "
+                    f"steps ({budgets}): the report could not tell them apart"
+                )
+            return out
+        if pre is None:
+            return []
+        ckpt = pre.out_dir / "checkpoints"
+        # the step directory's name is trainer.checkpoint.tag_for's (not imported: it brings torch into planning)
+        out = [Start(b, str(ckpt / f"step-{b:07d}"), [pre.id], [], f"b{b}") for b in sorted(student.budgets)]
+        return out + [Start(pre.recipe["train"]["steps"], str(pre.out_dir / "export"), [pre.id], [])]
+
+    def pretrained_dir(self, student: StudentSpec, name: str) -> Path:
+        """A `pretrained` entry as a model directory of the student's shape (Basic and KD, its random-init
+        baselines, must be the same network)."""
+        # deferred: zoo imports transformers; building the graph stays light
+        from trainer.models.zoo import PRESETS, canonical_name, resolve
+
+        where = f"{self.where}: study.students ({student.name}).pretrained"
+        path = resolve(name)
+        if not isinstance(path, Path):
+            raise UserError(f"{where}: '{name}' is a preset, not a pre-trained model directory")
+        preset = PRESETS.get(canonical_name(student.name))
+        if preset is not None:
+            # deferred: json only for pre-trained students
+            import json
+
+            cfg = json.loads((path / "config.json").read_text())
+            shape = (cfg.get("num_hidden_layers"), cfg.get("hidden_size"))
+            if shape != (preset.layers, preset.hidden):
+                raise UserError(
+                    f"{where}: {path} has {shape[0]} layers of width {shape[1]}, not {student.name}'s "
+                    f"{preset.layers} x {preset.hidden}"
+                )
+        return path
+
+    def latency(self, student: StudentSpec, model: str) -> None:
+        """`wellread latency` of the student's network (random weights time the same as trained ones)."""
+        node_id = f"latency/{slug(student.name)}"
+        if node_id in self.nodes:
+            return
+        out = self.root / node_id
+        self.add(
+            Node(
+                node_id,
+                "latency",
+                out,
+                args=[
+                    "--model",
+                    model,
+                    "--out",
+                    str(out / "latency.json"),
+                    "--seq-len",
+                    "128",
+                    "--batch-sizes",
+                    "1",
+                    "32",
+                ],
+                meta={"role": "latency", "student": student.name, "metrics_file": "latency.json"},
             )
         )
 
@@ -366,6 +500,8 @@ class _Builder:
         init: str,
         deps: list[str],
         inputs: list[Path],
+        start: Start | None = None,
+        transfer_size: int | None = None,
     ) -> Node:
         for section, layer in (("finetune", self.study.finetune), (f"{student.name}: finetune", student.finetune)):
             if (layer.get("data") or {}).get("max_train_examples") is not None:
@@ -373,8 +509,8 @@ class _Builder:
                     f"{self.where}: {section}.data.max_train_examples: the labeled-data size of the "
                     "students is study.label_sizes"
                 )
-        run_id = f"runs/{method}/{slug(student.name)}/{size_tag(size)}/s{seed}/{lr_tag(lr)}"
-        out = self.root / run_id
+        rid = run_id(method, student.name, start.tag if start else "", transfer_size, size, seed, lr)
+        out = self.root / rid
         pipeline = {
             "data": {
                 "task": self.s.task,
@@ -390,17 +526,22 @@ class _Builder:
             "finetune", merge(self.study.finetune, student.finetune, pipeline), f"finetune, {method} {student.name}"
         )
         node = Node(
-            run_id,
+            rid,
             "finetune",
             out,
             deps=list(deps),
             recipe=recipe,
             inputs=[*inputs, *self.task_inputs(["train", self.s.eval_split])],
         )
-        return self.cell(
-            node,
-            {"method": method, "student": student.name, "label_size": size, "seed": seed, "lr": recipe["train"]["lr"]},
-        )
+        cell = {
+            "method": method,
+            "student": student.name,
+            "label_size": size,
+            "seed": seed,
+            "lr": recipe["train"]["lr"],
+        }
+        cell.update(budget=start.budget if start else 0, transfer_size=transfer_size)
+        return self.cell(node, cell)
 
     def distill_run(
         self,
@@ -415,14 +556,17 @@ class _Builder:
         deps: list[str],
         inputs: list[Path],
         extra: dict[str, Any] | None = None,
+        start: Start | None = None,
+        transfer_size: int | None = None,
     ) -> Node:
-        run_id = f"runs/{method}/{slug(student_name)}/{size_tag(size)}/s{seed}/{lr_tag(lr)}"
-        out = self.root / run_id
+        rid = run_id(method, student_name, start.tag if start else "", transfer_size, size, seed, lr)
+        out = self.root / rid
         pipeline = merge(
             extra or {},
             {
                 "data": {
                     "store": store,
+                    "max_examples": transfer_size,
                     "eval_task": self.s.task,
                     "data_root": self.s.data_root,
                     "eval_split": self.s.eval_split,
@@ -436,21 +580,34 @@ class _Builder:
             "distill", merge(self.study.distill, *overrides, pipeline), f"distill, {method} {student_name}"
         )
         node = Node(
-            run_id,
+            rid,
             "distill",
             out,
             deps=list(deps),
             recipe=recipe,
             inputs=[*inputs, *self.task_inputs([self.s.eval_split])],
         )
-        return self.cell(
-            node,
-            {"method": method, "student": student_name, "label_size": size, "seed": seed, "lr": recipe["train"]["lr"]},
-        )
+        cell = {
+            "method": method,
+            "student": student_name,
+            "label_size": size,
+            "seed": seed,
+            "lr": recipe["train"]["lr"],
+        }
+        cell.update(budget=(start.budget if start else 0) if method != "pkd" else None, transfer_size=transfer_size)
+        return self.cell(node, cell)
 
-    def select(self, student: StudentSpec, size: int | None, pd_scores: dict[tuple[int, float | None], Node]) -> Node:
+    def select(
+        self,
+        student: StudentSpec,
+        size: int | None,
+        pd_scores: dict[tuple[int, float | None], Node],
+        start: Start,
+        transfer_size: int | None,
+    ) -> Node:
         """pd_ft fine-tunes, per seed, the pd run at the learning rate with the best mean over seeds."""
-        node_id = f"select/pd/{slug(student.name)}/{size_tag(size)}"
+        node_id = "/".join(run_id("pd", student.name, start.tag, transfer_size, size, 0, None).split("/")[1:-2])
+        node_id = f"select/{node_id}"
         candidates = []
         for (seed, _), score in pd_scores.items():
             run = self.nodes[score.meta.get("run", score.id)]
@@ -483,58 +640,75 @@ class _Builder:
         self.metric = primary_metric(resolve_task(self.s.task))
         methods, sizes, seeds = self.s.methods, self.s.label_sizes, self.s.seeds
         teacher_sizes = sizes if self.study.teacher.per_label_size else [None]
-        corpus = self.corpus() if any(m in PRETRAINED for m in methods) else None
-        pretrained = {st.name: self.pretrain(st, corpus) for st in self.students} if corpus else {}
+        needs_corpus = any(m in PRETRAINED for m in methods) and not all(st.pretrained for st in self.students)
+        corpus = self.corpus() if needs_corpus else None
+        pretrained = {st.name: self.pretrain(st, corpus) for st in self.students if not st.pretrained} if corpus else {}
         if any(m in DISTILLED for m in methods) or self.study.teacher.model:
             for ts in teacher_sizes:
                 self.teacher(ts)
         for st in self.students:
-            pre = pretrained.get(st.name)
+            if self.s.latency:
+                self.latency(st, st.name)
+            starts = self.starts(st, pretrained.get(st.name)) if any(m in PRETRAINED for m in methods) else []
+            random_init = self.random_init(st, methods)
             for size in sizes:
-                for method in ("basic", "pf"):
-                    if method not in methods:
-                        continue
-                    init, deps = (st.name, []) if method == "basic" else (str(pre.out_dir / "export"), [pre.id])
+                if "basic" in methods:
                     for seed in seeds:
                         for lr in self.lrs():
-                            self.finetune_run(method, st, size, seed, lr, init, deps, [])
+                            self.finetune_run("basic", st, size, seed, lr, random_init, [], [])
+                if "pf" in methods:
+                    for start in starts:
+                        for seed in seeds:
+                            for lr in self.lrs():
+                                self.finetune_run("pf", st, size, seed, lr, start.init, start.deps, start.inputs, start)
             for ts in teacher_sizes:
                 if not any(m in DISTILLED for m in methods):
                     break
                 store, _, store_deps, inputs = self.softlabels(ts)
-                pd_scores: dict[tuple[int, float | None], Node] = {}
-                for method in ("kd", "pd"):
-                    if method not in methods:
-                        continue
-                    init, deps = (st.name, []) if method == "kd" else (str(pre.out_dir / "export"), [pre.id])
-                    for seed in seeds:
-                        for lr in self.lrs():
-                            score = self.distill_run(
-                                method,
-                                st.name,
-                                [self.study.pd, st.distill] if method == "pd" else [st.distill],
-                                ts,
-                                seed,
-                                lr,
-                                init,
-                                store,
-                                [*store_deps, *deps],
-                                inputs,
-                            )
-                            if method == "pd":
-                                pd_scores[(seed, lr)] = score
-                if "pd_ft" in methods:
-                    sel = self.select(st, ts, pd_scores)
-                    ft_sizes = sizes if ts is None else [ts]
-                    for size in ft_sizes:
+                for tsize in self.s.transfer_sizes:
+                    if "kd" in methods:
                         for seed in seeds:
                             for lr in self.lrs():
-                                self.finetune_run(
-                                    "pd_ft", st, size, seed, lr, str(sel.out_dir / f"s{seed}"), [sel.id], []
-                                )
+                                self.distill_run(
+                                    "kd", st.name, [st.distill], ts, seed, lr, random_init, store, store_deps,
+                                    inputs, transfer_size=tsize,
+                                )  # fmt: skip
+                    if "pd" not in methods:
+                        continue
+                    for start in starts:
+                        pd_scores: dict[tuple[int, float | None], Node] = {}
+                        for seed in seeds:
+                            for lr in self.lrs():
+                                pd_scores[(seed, lr)] = self.distill_run(
+                                    "pd", st.name, [self.study.pd, st.distill], ts, seed, lr, start.init, store,
+                                    [*store_deps, *start.deps], [*inputs, *start.inputs], start=start,
+                                    transfer_size=tsize,
+                                )  # fmt: skip
+                        if "pd_ft" in methods:
+                            sel = self.select(st, ts, pd_scores, start, tsize)
+                            for size in sizes if ts is None else [ts]:
+                                for seed in seeds:
+                                    for lr in self.lrs():
+                                        self.finetune_run(
+                                            "pd_ft", st, size, seed, lr, str(sel.out_dir / f"s{seed}"), [sel.id], [],
+                                            start, tsize,
+                                        )  # fmt: skip
         if "pkd" in methods:
             self.pkd(teacher_sizes, seeds)
         return Graph(self.nodes, self.root, self.s.task, self.metric, list(self.s.launcher), self.plan_record())
+
+    def random_init(self, student: StudentSpec, methods: list[str]) -> str:
+        """What Basic and KD start from: the student's preset, at random weights."""
+        if any(m in ("basic", "kd") for m in methods) and student.pretrained:
+            # deferred: zoo imports transformers
+            from trainer.models.zoo import PRESETS, canonical_name
+
+            if canonical_name(student.name) not in PRESETS:
+                raise UserError(
+                    f"{self.where}: study.students ({student.name}): basic and kd start from random weights of the "
+                    "student's shape: name a grid preset (e.g. bert-L2-H128) beside `pretrained`"
+                )
+        return student.name
 
     def pkd(self, teacher_sizes: list[int | None], seeds: list[int]) -> None:
         layers = self.study.pkd.layers
@@ -556,21 +730,13 @@ class _Builder:
                     meta={"role": "init"},
                 )
             )
-            for seed in seeds:
-                for lr in self.lrs():
-                    self.distill_run(
-                        "pkd",
-                        name,
-                        [self.study.pkd.distill],
-                        ts,
-                        seed,
-                        lr,
-                        str(out / "model"),
-                        store,
-                        [*store_deps, init_id],
-                        inputs,
-                        extra={"teacher": {"model": teacher}},
-                    )
+            for tsize in self.s.transfer_sizes:
+                for seed in seeds:
+                    for lr in self.lrs():
+                        self.distill_run(
+                            "pkd", name, [self.study.pkd.distill], ts, seed, lr, str(out / "model"), store,
+                            [*store_deps, init_id], inputs, extra={"teacher": {"model": teacher}}, transfer_size=tsize,
+                        )  # fmt: skip
 
     def plan_record(self) -> dict[str, Any]:
         students = [st.name for st in self.students]
@@ -582,6 +748,9 @@ class _Builder:
             "students": students,
             "methods": list(self.s.methods),
             "label_sizes": list(self.s.label_sizes),
+            "transfer_sizes": list(self.s.transfer_sizes),
+            "budgets": sorted({c["budget"] for c in self.cells if c.get("budget") is not None})
+            + ([None] if any(c.get("budget") is None for c in self.cells) else []),
             "seeds": list(self.s.seeds),
             "lrs": self.lrs(),
             "cells": self.cells,

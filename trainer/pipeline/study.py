@@ -44,6 +44,10 @@ class StudySection:
     methods: list[str] = field(default_factory=lambda: ["basic", "pf", "kd", "pd"])
     seeds: list[int] = field(default_factory=lambda: [42])  # seeds of the final stage of every method
     label_sizes: list[int | None] = field(default_factory=lambda: [None])  # data.max_train_examples; null = all
+    # the transfer-set size axis of KD / PD / PKD (Turc et al.'s RQ4): data.max_examples of the distillation runs,
+    # nested samples of the one store labeled on the whole transfer set (null = all of it)
+    transfer_sizes: list[int | None] = field(default_factory=lambda: [None])
+    latency: bool = True  # measure each student's CPU inference latency (batch 1 and 32, length 128) for the report
     evaluation: Literal["stage", "command"] = "stage"  # stage: the metrics the stage wrote with its final
     # model (export/wellread.json); command: an extra `wellread evaluate` process per model
     launcher: list[str] = field(default_factory=list)  # how to start Python for a stage, e.g.
@@ -63,6 +67,10 @@ class StudySection:
             raise ValueError("study.label_sizes must be a non-empty list of distinct sizes (null = all)")
         if any(n is not None and n < 1 for n in self.label_sizes):
             raise ValueError("study.label_sizes: sizes must be positive (or null for all)")
+        if not self.transfer_sizes or len(set(self.transfer_sizes)) != len(self.transfer_sizes):
+            raise ValueError("study.transfer_sizes must be a non-empty list of distinct sizes (null = all)")
+        if any(n is not None and n < 1 for n in self.transfer_sizes):
+            raise ValueError("study.transfer_sizes: sizes must be positive (or null for all)")
 
 
 @dataclass
@@ -119,7 +127,15 @@ class PKDSection:
 
 @dataclass
 class StudentSpec:
+    """A student: its architecture (`name`, a grid preset: Basic and KD start from its random weights) and where
+    PF / PD / PD+FT start: the pipeline's own MLM pre-training of it (`pretrain` overrides; `budgets` adds runs
+    from its checkpoints at those steps), or `pretrained`: Hugging Face model directories of the same shape
+    (this project's exports, a pre-training run or checkpoint, Google's released miniatures), one start each,
+    their pre-training steps read from their wellread.json, instead of pre-training it here."""
+
     name: str = "bert-L2-H128"
+    pretrained: list[str] = field(default_factory=list)  # model directories (a single path is read as a list of one)
+    budgets: list[int] = field(default_factory=list)  # pre-training checkpoints (steps) to start from, besides the end
     pretrain: dict[str, Any] = field(default_factory=dict)
     finetune: dict[str, Any] = field(default_factory=dict)
     distill: dict[str, Any] = field(default_factory=dict)
@@ -164,7 +180,19 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         if isinstance(s, str):
             students.append(StudentSpec(name=s))
         elif isinstance(s, dict):
-            students.append(from_dict(StudentSpec, s, str(path), prefix=f"study.students[{i}]."))
+            if isinstance(s.get("pretrained"), str):
+                s = {**s, "pretrained": [s["pretrained"]]}
+            student = from_dict(StudentSpec, s, str(path), prefix=f"study.students[{i}].")
+            if student.pretrained and (student.budgets or student.pretrain):
+                raise UserError(
+                    f"{path}: study.students[{i}]: a student with `pretrained` models is not pre-trained here: "
+                    "drop `budgets` / `pretrain` (list the checkpoints to start from in `pretrained`)"
+                )
+            if any(b < 1 for b in student.budgets) or len(set(student.budgets)) != len(student.budgets):
+                raise UserError(
+                    f"{path}: study.students[{i}].budgets: distinct positive step counts, got {student.budgets}"
+                )
+            students.append(student)
         else:
             raise UserError(f"{path}: study.students[{i}] must be a model name or a mapping with 'name', got {s!r}")
     names = [s.name for s in students]

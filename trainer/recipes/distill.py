@@ -24,6 +24,15 @@ class DistillData:
     eval_batch_size: int = 128
     verify: Literal["full", "size"] = "full"
     bucket_window: int = 50  # classification: length-bucketed batches within windows of this many (0: plain shuffle)
+    max_examples: int | None = None  # classification: train on this many transfer examples (a study's transfer-set
+    # size axis): the first N of a fixed shuffle of the store (subset_seed), so smaller sets nest in larger ones
+    subset_seed: int = 0
+
+    def validate(self) -> None:
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ValueError(
+                f"data.max_examples must be positive (or null for the whole store), got {self.max_examples}"
+            )
 
 
 @dataclass

@@ -42,7 +42,7 @@ from trainer.config import from_dict
 from trainer.data.encoding import Encoded, collate, encode, load_task_data
 from trainer.data.indexed import TokenShards
 from trainer.data.masking import MaskSpec, mlm_batch
-from trainer.data.sampling import BatchOrder, StoreSampler
+from trainer.data.sampling import BatchOrder, StoreSampler, SubsetOrder, nested_subset
 from trainer.data.softlabels import SoftLabelStore
 from trainer.data.task_metrics import compute_metrics
 from trainer.data.tasks import Example, resolve_task
@@ -299,20 +299,26 @@ class ClassifierDistill(DistillStage):
         self.source["pkd_projection"] = [hs, ht] if hs != ht else None
         return [s for s, _ in pairs]
 
-    def make_order(self, global_batch: int, env: DistEnv) -> BatchOrder:
+    def make_order(self, global_batch: int, env: DistEnv) -> BatchOrder | SubsetOrder:
         # Store index i is the example with the i-th smallest id; its length is that transfer example's.
         lengths = self.encoded.lengths
         if self.store is not None:
             lengths = lengths[self.store.example_ids()]
-        return StoreSampler(
-            len(lengths),
+        data = self.recipe.data
+        subset = nested_subset(len(lengths), data.max_examples, data.subset_seed)
+        order = StoreSampler(
+            len(subset),
             global_batch,
             env.rank,
             env.world_size,
             self.recipe.train.seed,
-            lengths,
-            self.recipe.data.bucket_window,
+            lengths[subset],
+            data.bucket_window,
         )
+        if len(subset) == len(lengths):
+            return order
+        self.source["transfer_subset"] = {"examples": len(subset), "of": len(lengths), "seed": data.subset_seed}
+        return SubsetOrder(order, subset)
 
     def batch(self, chunk: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
         idx, weight = self._filler(chunk)
@@ -403,6 +409,8 @@ class MLMDistill(DistillStage):
 
     def make_order(self, global_batch: int, env: DistEnv) -> BatchOrder:
         seed = self.recipe.train.seed
+        if self.recipe.data.max_examples is not None:
+            raise UserError("data.max_examples: a transfer subset is for classification distillation, not MLM mode")
         if self.store is not None:
             return StoreSampler(len(self.store), global_batch, env.rank, env.world_size, seed)
         return BatchOrder(
