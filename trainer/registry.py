@@ -80,6 +80,8 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command("plan-memory", "trainer.stages.plan_memory", "per-rank memory of a model at each ZeRO stage, before a job"),
     Command("init-student", "trainer.stages.init_student", "a shallower student copied from chosen teacher layers"),
+    Command("latency", "trainer.stages.latency", "CPU inference latency of a classifier at batch 1 and 32"),
+    Command("export", "trainer.stages.export", "a compact (fp16) copy of a checkpoint or model, with its provenance"),
     Command(
         "pipeline",
         "trainer.stages.pipeline",

@@ -102,7 +102,11 @@ def load_classifier(
     if not isinstance(spec, Path):  # fresh_model: partitioned under ZeRO-3, same weights at every stage
         return fuse_bert(fresh_model(BertForSequenceClassification, cfg, attention))
     with hf_view(spec) as hf_dir:
-        model = BertForSequenceClassification.from_pretrained(hf_dir, config=cfg, attn_implementation=attention)
+        # fp32 whatever the file holds: transformers keeps a float16 export's dtype ("auto"), which DeepSpeed's
+        # fp32 engines would then train in half precision (`wellread export --dtype float16`)
+        model = BertForSequenceClassification.from_pretrained(
+            hf_dir, config=cfg, attn_implementation=attention, dtype=torch.float32
+        )
     return fuse_bert(model)
 
 

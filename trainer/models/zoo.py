@@ -137,8 +137,12 @@ def fresh_model(cls: type[PreTrainedModel], cfg: BertConfig, attention: str = "s
 def pretrained_model(
     cls: type[PreTrainedModel], path: Path, cfg: BertConfig, attention: str = "sdpa"
 ) -> PreTrainedModel:
-    """`cls.from_pretrained`; partitioned while it loads under ZeRO-3 (transformers gathers module by module)."""
-    return cls.from_pretrained(path, config=cfg, attn_implementation=attention)
+    """`cls.from_pretrained` in fp32 (a float16 export is upcast, not trained in half precision); partitioned while
+    it loads under ZeRO-3 (transformers gathers module by module)."""
+    # deferred: torch only to build a model (`wellread models` is torch-free)
+    import torch
+
+    return cls.from_pretrained(path, config=cfg, attn_implementation=attention, dtype=torch.float32)
 
 
 def parameter_counts(cfg: BertConfig) -> dict[str, int]:

@@ -56,17 +56,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="write metrics JSON here")
 
 
-def main(args: argparse.Namespace) -> int:
-    model_dir = _model_dir(Path(args.model))
+def measure(
+    model_dir: Path, data: list[str], seq_len: int, batch_size: int, max_sequences: int | None, seed: int
+) -> dict[str, float]:
+    """The evaluation of `wellread evaluate-mlm`, callable by other stages (`wellread export` records it), so
+    that a number a stage writes is the number this command prints for the same model and data."""
     tok = load_tokenizer(model_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        corpus = _corpus(args.data, model_dir, args.seq_len, Path(tmp))
+        corpus = _corpus(data, model_dir, seq_len, Path(tmp))
         if corpus.tokenizer_hash != tokenizer_hash(tok):
-            raise UserError(f"{args.data[0]}: tokenized with another tokenizer than the model's ({model_dir})")
-        hf = BertForMaskedLM.from_pretrained(model_dir)
+            raise UserError(f"{data[0]}: tokenized with another tokenizer than the model's ({model_dir})")
+        # fp32 whatever the file holds: a float16 export is measured with its (rounded) weights, not in fp16
+        hf = BertForMaskedLM.from_pretrained(model_dir, dtype=torch.float32)
         spec = MaskSpec(vocab_size=hf.config.vocab_size, specials=special_ids(tok))
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-        metrics = evaluate_mlm(SparseMLM(hf), corpus, spec, DistEnv(), args.batch_size, args.max_sequences, args.seed)
+        return evaluate_mlm(SparseMLM(hf), corpus, spec, DistEnv(), batch_size, max_sequences, seed)
+
+
+def main(args: argparse.Namespace) -> int:
+    model_dir = _model_dir(Path(args.model))
+    metrics = measure(model_dir, args.data, args.seq_len, args.batch_size, args.max_sequences, args.seed)
     metrics = {"model": str(model_dir), "data": args.data, "seq_len": args.seq_len, "seed": args.seed, **metrics}
     print(json.dumps(metrics, indent=2))
     if args.out:
