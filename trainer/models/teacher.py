@@ -4,7 +4,7 @@
 A teacher is a trained Hugging Face directory (config.json + model.safetensors; a wellread export or
 run): `BertForSequenceClassification` for classification, `BertForMaskedLM` for MLM, with every weight
 saved (a plain encoder such as MiniLM, whose head would be random, is refused before any other work).
-It is loaded in its saved dtype, frozen, in eval mode, on the device, and runs under no_grad; below fp32
+It is loaded in float32 (an fp16 export too), frozen, in eval mode, on the device, and runs under no_grad; below fp32
 (a bf16/fp16 engine on a GPU) under autocast in that precision, so a bf16 student does not wait for an fp32 teacher.
 On CPU it stays fp32, as the store's labels are. Each caller takes the view it needs of one forward:
 
@@ -112,7 +112,7 @@ def load_trained(model_dir: Path, kind: str) -> transformers.PreTrainedModel:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     try:
-        model, info = cls.from_pretrained(model_dir, output_loading_info=True)
+        model, info = cls.from_pretrained(model_dir, output_loading_info=True, dtype=torch.float32)  # fp16 exports too
     finally:
         transformers.logging.set_verbosity(verbosity)
         if bar:

@@ -30,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     # deferred: command entry: torch/transformers load only when `wellread evaluate` runs
+    import torch
     from transformers import BertForSequenceClassification
 
     from trainer.data.encoding import load_task_data
@@ -43,7 +44,7 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"{args.model}: not an exported model directory (config.json + model.safetensors)")
     task = resolve_task(args.task)
     tok = load_tokenizer(model_dir)
-    hf = BertForSequenceClassification.from_pretrained(model_dir)
+    hf = BertForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)  # an fp16 export too
     expected = 1 if task.labels is None else len(task.labels)
     if hf.config.num_labels != expected:
         raise UserError(

@@ -201,6 +201,8 @@ def main(args: argparse.Namespace) -> int:
     if args.eval_mlm is not None and MLM_HEAD not in model.state_dict():
         raise UserError(f"--eval-mlm: {source} has no trained MLM head ({type(model).__name__})")
     record = {"stage": "export", "source": str(source), "dtype": args.dtype, **provenance(source)}
+    if MLM_HEAD in model.state_dict():  # an MLM model: its steps are a pre-training budget (a study's budget axis)
+        record["pretraining"] = {k: record[k] for k in ("step", "tokens_seen", "examples_seen")}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{out.name}.{os.getpid()}")
