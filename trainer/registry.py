@@ -88,7 +88,11 @@ COMMANDS: tuple[Command, ...] = (
         "run a whole study (every stage, cached) and write its results",
         "trainer.pipeline.study:StudyRecipe",
     ),
-    Command("report", "trainer.stages.report", "rebuild a study's results.md/json and plot from its finished runs"),
+    Command(
+        "report",
+        "trainer.stages.report",
+        "rebuild a study's results.md/json and figures from its study dir, or the md and figures from a results.json",
+    ),
     Command(
         "check", "trainer.stages.check", "dry run before sbatch: recipe, models, data paths, ds_config fit on the GPUs"
     ),

@@ -6,5 +6,5 @@ cache.py    keys, markers and output digests: what is finished, what must re-run
 runner.py   runs the graph in order, with progress lines, resume and signal forwarding
 execute.py  runs one node (the step executor the Slurm in-job runner shares)
 select.py   the one node run in-process: the best learning rate per seed
-report.py   results.md / results.json / results.png from the finished runs
+report/     results.md / results.json / the figures from the finished runs, or from a results.json
 """

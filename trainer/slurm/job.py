@@ -114,7 +114,7 @@ def job_command(node: Node, group: Group, task: int, record: dict[str, Any]) -> 
 
 
 def report_main(out_dir: str) -> int:
-    """The report group: results.md / results.json / results.png of the study (trainer/pipeline/report.py)."""
+    """The report group: results.md / results.json / results.png of the study (trainer/pipeline/report/)."""
     paths = write_report(Path(out_dir))
     print(paths.table)
     print(
