@@ -35,6 +35,7 @@ def study_yaml(path: Path, out: Path, methods: list[str], seeds: list[int], **ex
             "methods": methods,
             "seeds": seeds,
             "label_sizes": [64],
+            "latency": False,  # one process per student more; tests/test_study_axes.py runs it
         },
         "corpus": {"files": [str(BOOK)], "strip_gutenberg": True, "seq_len": 64},
         "pretrain": {

@@ -136,7 +136,7 @@ def test_a_pretrained_model_of_another_shape_or_without_a_preset_name_is_refused
         plan(recipe, f"study.students=[{{name: my-tiny, pretrained: {wide}}}]")
     # PF alone needs no preset: distil or fine-tune a released model under any name
     graph = plan(recipe, f"study.students=[{{name: my-wide, pretrained: {wide}}}]", "study.methods=[pf]")
-    assert {n.kind for n in graph} == {"finetune", "latency"}
+    assert {n.kind for n in graph} == {"finetune"}
     twin = pretrained_dir(tmp_path / "twin", step=10)
     with pytest.raises(UserError, match="same pre-training steps"):
         plan(recipe, f"study.students=[{{name: bert-L2-H128, pretrained: [{twin}, {twin}]}}]")
@@ -157,7 +157,7 @@ def test_transfer_sizes_are_subsets_of_one_store(tmp_path):
 
 def test_each_student_gets_one_latency_stage(tmp_path):
     recipe = study_yaml(tmp_path / "s.yaml", tmp_path / "out", ["basic", "kd"], [1, 2])
-    graph = plan(recipe, "study.students=[bert-L2-H128, bert-L4-H128]")
+    graph = plan(recipe, "study.students=[bert-L2-H128, bert-L4-H128]", "study.latency=true")
     latency = [n for n in graph if n.kind == "latency"]
     assert sorted(n.meta["student"] for n in latency) == ["bert-L2-H128", "bert-L4-H128"]
     assert all(n.args[:2] == ["--model", n.meta["student"]] for n in latency)
@@ -197,23 +197,21 @@ def test_a_subset_order_visits_each_subset_item_once_per_epoch_on_two_ranks():
 def test_a_study_with_budgets_and_transfer_sizes_runs_and_reports_them(tmp_path):
     out = tmp_path / "study"
     recipe = study_yaml(
-        tmp_path / "s.yaml", out, ["pf", "pd"], [1],
+        tmp_path / "s.yaml", out, ["pd"], [1],
         study__students=[{"name": "bert-L2-H128", "budgets": [2]}], study__transfer_sizes=[48, None],
+        study__latency=True,
     )  # fmt: skip
     pipeline(str(recipe))
     plan_record = json.loads((out / "study.json").read_text())
     runs = {(c["method"], c["budget"], c["transfer_size"]): Path(out / c["run"]) for c in plan_record["cells"]}
-    assert sorted(runs, key=str) == sorted(
-        [("pf", 2, None), ("pf", 3, None), ("pd", 2, 48), ("pd", 2, None), ("pd", 3, 48), ("pd", 3, None)], key=str
-    )
+    assert sorted(runs, key=str) == sorted([("pd", 2, 48), ("pd", 2, None), ("pd", 3, 48), ("pd", 3, None)], key=str)
     # what each run trained on, from its own records: the PD runs on 48 of the 96 stored examples (1 epoch of
     # batch 32: 2 steps) or all of them (3 steps), starting from the checkpoint of step 2 or the final model
     for (method, budget, size), run in runs.items():
         info = json.loads((run / "export" / "wellread.json").read_text())
-        if method == "pd":
-            assert info["step"] == (2 if size == 48 else 3), (method, budget, size)
-            subset = info["source"].get("transfer_subset")
-            assert subset == ({"examples": 48, "of": 96, "seed": 0} if size == 48 else None)
+        assert info["step"] == (2 if size == 48 else 3), (method, budget, size)
+        subset = info["source"].get("transfer_subset")
+        assert subset == ({"examples": 48, "of": 96, "seed": 0} if size == 48 else None)
         start = yaml.safe_load((run / "config.yaml").read_text())["model"]["name"]
         assert start.endswith("checkpoints/step-0000002" if budget == 2 else "pretrain/bert-L2-H128/export")
     latency = json.loads((out / "latency" / "bert-L2-H128" / "latency.json").read_text())
@@ -222,9 +220,9 @@ def test_a_study_with_budgets_and_transfer_sizes_runs_and_reports_them(tmp_path)
     assert {(r["method"], r["budget"], r["transfer_size"]) for r in results["rows"]} == set(runs)
 
 
-def test_the_shipped_scale_recipe_plans(tmp_path):
-    recipe = ROOT / "recipes" / "study_sst2_scale.yaml"
-    if not recipe.is_file():
-        pytest.skip("recipes/study_sst2_scale.yaml not written yet")
-    graph = plan(recipe, f"study.out_dir={tmp_path / 'never'}")
-    assert any(c["method"] == "pd" for c in graph.plan["cells"])
+def test_the_shipped_scale_recipe_plans_on_the_committed_student(tmp_path, real_data):
+    """recipes/study_sst2_scale.yaml starts PF / PD from the committed BERT-Tiny (models/bert-tiny-imdb) and its two
+    earlier checkpoints: the budgets come from their records, and each is the shape of the student it names."""
+    graph = plan(ROOT / "recipes" / "study_sst2_scale.yaml", f"study.out_dir={tmp_path / 'never'}")
+    budgets = sorted({c["budget"] for c in graph.plan["cells"] if c["method"] in ("pf", "pd")})
+    assert budgets[:2] == [2000, 8000] and budgets[2] >= 16000

@@ -76,6 +76,8 @@ def output_files(node: Node) -> list[Path]:
         return files
     if node.kind == "evaluate":
         return [out / "metrics.json"]
+    if node.kind == "latency":
+        return [out / "latency.json"]
     if node.kind == "init-student":
         return [out / "model" / "model.safetensors", out / "model" / "config.json"]
     if node.kind == "select":

@@ -160,8 +160,13 @@ class StudyRecipe:
 
     def validate(self) -> None:
         methods = self.study.methods
-        if any(m in PRETRAINED for m in methods) and not (self.corpus.files or self.corpus.dir):
-            raise ValueError("methods pf/pd/pd_ft need a pre-training corpus: corpus.files or corpus.dir")
+        pretrained_here = [s for s in self.study.students if not (isinstance(s, dict) and s.get("pretrained"))]
+        needs_corpus = any(m in PRETRAINED for m in methods) and pretrained_here
+        if needs_corpus and not (self.corpus.files or self.corpus.dir):
+            raise ValueError(
+                "methods pf/pd/pd_ft need a pre-training corpus (corpus.files or corpus.dir), or students that name "
+                "their `pretrained` models"
+            )
         if any(m in DISTILLED for m in methods) and not (
             self.transfer.files or self.transfer.hf_dataset or self.transfer.task
         ):

@@ -54,6 +54,7 @@ ORDER = (
     "merge",
     "pretrain",
     "init-student",
+    "latency",
     "finetune",
     "label",
     "finalize",
