@@ -168,7 +168,8 @@ def imdb_files(ctx: Ctx) -> list[Path]:
 
 
 def step_prepare(ctx: Ctx) -> dict:
-    """IMDb train + test as shards; the last `heldout` test reviews are held out for masked-token accuracy."""
+    """IMDb train (+ test) as shards; the last `heldout` test reviews are held out for masked-token accuracy (the
+    carried test file holds only those)."""
     import gzip
 
     train, test = imdb_files(ctx)
@@ -176,8 +177,10 @@ def step_prepare(ctx: Ctx) -> dict:
     lines = gzip.open(test, "rt", encoding="utf-8").read().splitlines()
     split = ctx.work / "split"
     split.mkdir(parents=True, exist_ok=True)
-    (split / "test-main.jsonl").write_text("\n".join(lines[:-heldout_n]) + "\n")
     (split / "heldout.jsonl").write_text("\n".join(lines[-heldout_n:]) + "\n")
+    main = lines[:-heldout_n]  # the carried test file is the held-out slice alone (tools/gpu/build_carry.sh)
+    if main:
+        (split / "test-main.jsonl").write_text("\n".join(main) + "\n")
     common = [
         "--text-field",
         "text",
@@ -198,7 +201,7 @@ def step_prepare(ctx: Ctx) -> dict:
             ctx.py,
             "tools/preprocess_corpus.py",
             str(train),
-            str(split / "test-main.jsonl"),
+            *([str(split / "test-main.jsonl")] if main else []),
             "--out",
             str(ctx.work / "imdb-128"),
             *common,
