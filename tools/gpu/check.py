@@ -174,7 +174,8 @@ def step_prepare(ctx: Ctx) -> dict:
 
     train, test = imdb_files(ctx)
     heldout_n = 8 if ctx.dry else 1000
-    lines = gzip.open(test, "rt", encoding="utf-8").read().splitlines()
+    # records end at "\n" only: str.splitlines would also cut at U+2028 or U+0085 inside a review's text
+    lines = [line for line in gzip.open(test, "rt", encoding="utf-8", newline="\n").read().split("\n") if line]
     split = ctx.work / "split"
     split.mkdir(parents=True, exist_ok=True)
     (split / "heldout.jsonl").write_text("\n".join(lines[-heldout_n:]) + "\n")
