@@ -35,6 +35,7 @@ from trainer import registry
 from trainer.config import from_dict, to_dict
 from trainer.data.tasks import resolve_task, split_path
 from trainer.errors import UserError
+from trainer.fileio import read_json
 from trainer.pipeline.study import DISTILLED, PRETRAINED, StudentSpec, StudyRecipe, merge
 
 RECIPE_STAGES = registry.RECIPE_STAGES
@@ -98,9 +99,6 @@ def pretraining_steps(model_dir: Path) -> int | None:
     record = model_dir / "wellread.json"
     if not record.is_file():
         return None
-    # deferred: fileio is light, but keep the graph's imports to what every plan needs
-    from trainer.fileio import read_json
-
     info = read_json(record, "model record")
     pretraining = info.get("pretraining")
     if isinstance(pretraining, dict) and isinstance(pretraining.get("step"), int):
@@ -316,10 +314,7 @@ class _Builder:
             raise UserError(f"{where}: '{name}' is a preset, not a pre-trained model directory")
         preset = PRESETS.get(canonical_name(student.name))
         if preset is not None:
-            # deferred: json only for pre-trained students
-            import json
-
-            cfg = json.loads((path / "config.json").read_text())
+            cfg = read_json(path / "config.json", "model config")
             shape = (cfg.get("num_hidden_layers"), cfg.get("hidden_size"))
             if shape != (preset.layers, preset.hidden):
                 raise UserError(
