@@ -41,6 +41,7 @@ def task_study(path: Path, out: Path, task: str) -> Path:
             "students": ["bert-L2-H128"],
             "methods": ["basic", "pf", "kd", "pd"],
             "seeds": [1],
+            "latency": False,
         },
         "corpus": {"files": [str(BOOK)], "strip_gutenberg": True, "seq_len": 64},
         "pretrain": {

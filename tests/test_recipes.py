@@ -228,6 +228,7 @@ def plan(root: Path, minilm: Path) -> list[tuple[str, list[str]]]:
         ),
         train("pretrain", "demo_pretrain.yaml", *shards),
         train("pretrain", "pretrain_tiny_gutenberg.yaml", *shards),
+        train("pretrain", "pretrain_tiny_imdb.yaml", *shards),
         train("finetune", "basic_tiny_sst2.yaml", sst2),
         train("finetune", "finetune_minilm_sst2.yaml", sst2),  # the SST-2 teacher
         ("label_sst2_imdb.yaml", [*label, f"output.out_dir={store}", "output.batch_size=16"]),

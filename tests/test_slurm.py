@@ -639,7 +639,9 @@ def test_preempted_then_requeued_job_resumes_to_the_uninterrupted_losses(small, 
 
 
 # ---------------------------------------------------------------------------------------------- the pipeline
-def study_yaml(path: Path, out: Path, methods: list[str], books: int = 1, **teacher_extra) -> Path:
+def study_yaml(
+    path: Path, out: Path, methods: list[str], books: int = 1, latency: bool = False, **teacher_extra
+) -> Path:
     """A tiny study: BERT-Tiny, a few steps per stage, a random-init teacher fine-tuned for 2 steps."""
     import yaml
 
@@ -654,6 +656,7 @@ def study_yaml(path: Path, out: Path, methods: list[str], books: int = 1, **teac
             "methods": methods,
             "seeds": [1],
             "evaluation": "command",
+            "latency": latency,
         },
         "corpus": {"files": [str(b) for b in DEMO_BOOKS[:books]], "strip_gutenberg": True, "seq_len": 64},
         "pretrain": {
@@ -704,7 +707,7 @@ def submitted_jobs(stdout: str) -> dict[str, str]:
 
 def test_dry_run_orders_the_jobs_and_chains_them(tmp_path):
     out = tmp_path / "study"
-    recipe = study_yaml(tmp_path / "s.yaml", out, ["kd", "pd"])
+    recipe = study_yaml(tmp_path / "s.yaml", out, ["kd", "pd"], latency=True)
     proc = submit_pipeline(str(recipe), "--dry-run")
     one_line_error(
         proc, "runs/kd/bert-L2-H128/nall/s1/lr-recipe (distill) on 2 rank(s)", "global_batch=32 is not a multiple"
@@ -713,9 +716,17 @@ def test_dry_run_orders_the_jobs_and_chains_them(tmp_path):
     assert proc.returncode == 0, proc.stderr
     kinds = re.findall(r"^  job <(\d+)>\s+(\S+)\s+(\d+) task\(s\)\s+after (\S+)", proc.stdout, re.M)
     order = [k for _, k, _, _ in kinds]
-    assert order == ["preprocess", "finetune", "pretrain", "label", "finalize", "distill", "evaluate", "report"], (
-        proc.stdout
-    )
+    assert order == [
+        "preprocess",
+        "latency",
+        "finetune",
+        "pretrain",
+        "label",
+        "finalize",
+        "distill",
+        "evaluate",
+        "report",
+    ], proc.stdout
     by_kind = {k: (int(i), int(n), after) for i, k, n, after in kinds}
     assert by_kind["label"][1] == 2 and by_kind["distill"][1] == 2, "two shards; kd and pd in one array"
     assert by_kind["finalize"][2] == f"<{by_kind['label'][0]}>"
