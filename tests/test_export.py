@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -38,14 +39,18 @@ engine: {{ds_config: zero0}}
 run: {{log_every: 1, ckpt_every: {STEP}, keep_checkpoints: 3, tensorboard: false}}
 """)
     run = root / "pt"
-    with pytest.MonkeyPatch.context() as env_vars:  # as the one_process fixture, for the whole module
-        for name in LAUNCH_VARS:
-            env_vars.delenv(name, raising=False)
+    saved = dict(os.environ)  # init_distributed exports RANK, MASTER_PORT, ...: a later subprocess must not see them
+    for name in LAUNCH_VARS:
+        os.environ.pop(name, None)
+    try:
         env = init_distributed()
         try:
             assert fit(env, "pretrain", recipe, f"run.out_dir={run}") == 0
         finally:
             shutdown()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     return run, corpus
 
 
