@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ from trainer.fileio import atomic_rename_dir, atomic_write_json, fsync_tree, rea
 from trainer.models.checkpoints import is_checkpoint, model_state_dict
 from trainer.models.zoo import resolve
 from trainer.stages.evaluate_mlm import measure
-from trainer.stages.init_student import TOKENIZER_FILES
+from trainer.stages.init_student import copy_tokenizer
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 WEIGHTS = "model.safetensors"
@@ -210,11 +209,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         model.to(DTYPES[args.dtype])  # floating tensors only: nn.Module.to keeps integer buffers
         model.save_pretrained(tmp, safe_serialization=True)
-        copied = [name for name in TOKENIZER_FILES if (source / name).is_file()]
-        for name in copied:
-            shutil.copyfile(source / name, tmp / name)
-        if not copied:
-            print(f"wellread: warning: {source} has no tokenizer files; none copied", file=sys.stderr)
+        copy_tokenizer(source, tmp)
         record.update(
             architecture=type(model).__name__,
             params=sum(p.numel() for p in model.parameters()),

@@ -28,6 +28,18 @@ TOKENIZER_FILES = (
     "vocab.txt",
     "added_tokens.json",
 )
+
+
+def copy_tokenizer(source: Path, dest: Path) -> list[str]:
+    """Copy the tokenizer files `source` has into `dest` (a model written beside its tokenizer); a warning when none."""
+    copied = [name for name in TOKENIZER_FILES if (source / name).is_file()]
+    for name in copied:
+        shutil.copyfile(source / name, dest / name)
+    if not copied:
+        print(f"wellread: warning: {source} has no tokenizer files; none copied", file=sys.stderr)
+    return copied
+
+
 _LAYER_KEY = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
 
 
@@ -162,11 +174,7 @@ def main(args: argparse.Namespace) -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         student.save_pretrained(tmp, safe_serialization=True)
-        copied = [name for name in TOKENIZER_FILES if (teacher_dir / name).is_file()]
-        for name in copied:
-            shutil.copyfile(teacher_dir / name, tmp / name)
-        if not copied:
-            print(f"wellread: warning: {teacher_dir} has no tokenizer files; none copied", file=sys.stderr)
+        copy_tokenizer(teacher_dir, tmp)
         info = {
             "stage": "init-student",
             "teacher": str(teacher_dir),
